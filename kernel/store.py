@@ -1,0 +1,217 @@
+"""The descriptor store: the one interface between extraction and post-processing.
+
+Layout::
+
+    STORE/<model_name>/meta.json            {"name", "family", "image_size", "sha256", "dim", ...}
+    STORE/<model_name>/<split>.npz          ids (str, N) + embeddings (N x dim, L2-normalised rows)
+    STORE/<model_name>/<split>.parts/       shards of an extraction still in progress (part-*.npz)
+    STORE/failures/<split>.csv              images that could not be decoded: id,reason
+
+Every write is atomic (write to a temporary file in the same folder, then ``os.replace``), so a crash
+never leaves a half-written ``.npz``: a split file either exists complete or not at all. Extraction writes
+shards while it runs and consolidates them into ``<split>.npz`` at the end; a resumed run reads the shards
+back and skips the ids they hold. Train / index descriptors computed offline (``--shard i/n`` on many
+machines) are merged the same way.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from kernel.errors import KernelError
+
+META = "meta.json"
+FAILURES_DIR = "failures"
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def split_path(store: str | Path, model: str, split: str) -> Path:
+    return Path(store) / model / f"{split}.npz"
+
+
+def parts_dir(store: str | Path, model: str, split: str) -> Path:
+    return Path(store) / model / f"{split}.parts"
+
+
+def _save_npz(path: Path, ids, embeddings: np.ndarray) -> None:
+    ids = np.asarray([str(i) for i in ids], dtype=str)
+    emb = np.asarray(embeddings)
+    if emb.ndim != 2 or emb.shape[0] != len(ids):
+        raise ValueError(f"{path}: embeddings shape {emb.shape} does not match {len(ids)} ids")
+    _atomic_write(path, lambda fh: np.savez(fh, ids=ids, embeddings=emb))
+
+
+def save_split(store: str | Path, model: str, split: str, ids, embeddings: np.ndarray) -> Path:
+    """Atomically write ``STORE/<model>/<split>.npz``."""
+    path = split_path(store, model, split)
+    _save_npz(path, ids, embeddings)
+    return path
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "ids" not in z or "embeddings" not in z:
+                raise KernelError(f"{path}: descriptor file must hold 'ids' and 'embeddings' (has {list(z.keys())})")
+            return z["ids"].astype(str), z["embeddings"]
+    except KernelError:
+        raise
+    except Exception as exc:  # zip / pickle / truncated file
+        raise KernelError(f"{path}: cannot read descriptor file ({type(exc).__name__}: {exc})") from None
+
+
+def load_split(
+    store: str | Path, model: str, split: str, dtype=np.float32, dim: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate ``STORE/<model>/<split>.npz``; returns ``(ids, embeddings)``.
+
+    Raises :class:`KernelError` naming the file when it is missing or unreadable, when the ids are not
+    unique, the embeddings are not 2-d (or not ``dim`` wide), the counts disagree, or a row is NaN/inf.
+    """
+    path = split_path(store, model, split)
+    if not path.is_file():
+        raise KernelError(f"{path}: missing split '{split}' for model '{model}'")
+    ids, emb = _read_npz(path)
+    if emb.ndim != 2:
+        raise KernelError(f"{path}: embeddings must be 2-d (N x D), got shape {emb.shape}")
+    if ids.ndim != 1 or len(ids) != emb.shape[0]:
+        raise KernelError(f"{path}: {len(ids)} ids but {emb.shape[0]} embedding rows")
+    if dim is not None and emb.shape[1] != dim:
+        raise KernelError(f"{path}: embeddings are {emb.shape[1]}-d, expected {dim}-d")
+    if len(np.unique(ids)) != len(ids):
+        raise KernelError(f"{path}: ids are not unique")
+    emb = emb.astype(dtype, copy=False)
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        raise KernelError(f"{path}: {int(bad.sum())} rows contain NaN/inf (first id: {ids[bad][0]})")
+    return ids, emb
+
+
+def has_split(store: str | Path, model: str, split: str) -> bool:
+    return split_path(store, model, split).is_file()
+
+
+def write_meta(store: str | Path, model: str, meta: dict) -> Path:
+    path = Path(store) / model / META
+    data = json.dumps(meta, indent=2, sort_keys=True).encode()
+    _atomic_write(path, lambda fh: fh.write(data))
+    return path
+
+
+def read_meta(store: str | Path, model: str) -> dict:
+    path = Path(store) / model / META
+    if not path.is_file():
+        raise KernelError(f"{path}: missing meta.json for model '{model}'")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise KernelError(f"{path}: not valid JSON ({exc})") from None
+    for field in ("name", "family"):
+        if field not in meta:
+            raise KernelError(f"{path}: field '{field}' is missing")
+    return meta
+
+
+def list_models(store: str | Path) -> list[str]:
+    """Models that have a meta.json in the store, sorted by name."""
+    root = Path(store)
+    if not root.is_dir():
+        raise KernelError(f"{root}: descriptor store not found")
+    return sorted(p.parent.name for p in root.glob(f"*/{META}"))
+
+
+# ---------------------------------------------------------------- shards (resumable extraction)
+
+def write_part(store: str | Path, model: str, split: str, index: int, ids, embeddings: np.ndarray) -> Path:
+    """Atomically write one shard of an extraction in progress."""
+    path = parts_dir(store, model, split) / f"part-{index:06d}.npz"
+    _save_npz(path, ids, embeddings)
+    return path
+
+
+def read_parts(store: str | Path, model: str, split: str) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """All shards written so far: ``(ids, embeddings or None, next_part_index)``.
+
+    A shard that cannot be read (e.g. the disk filled up) is skipped; its ids are simply recomputed.
+    """
+    d = parts_dir(store, model, split)
+    ids, embs, nxt = [], [], 0
+    for p in sorted(d.glob("part-*.npz")) if d.is_dir() else []:
+        nxt = max(nxt, int(p.stem.split("-")[1]) + 1)
+        try:
+            i, e = _read_npz(p)
+        except KernelError:
+            continue
+        ids.append(i)
+        embs.append(e)
+    if not ids:
+        return np.zeros(0, dtype=str), None, nxt
+    return np.concatenate(ids), np.concatenate(embs), nxt
+
+
+def consolidate(store: str | Path, model: str, split: str, order=None) -> Path:
+    """Merge the shards into ``<split>.npz`` (optionally in the id order given) and remove them."""
+    ids, emb, _ = read_parts(store, model, split)
+    if emb is None:
+        raise KernelError(f"{parts_dir(store, model, split)}: no shards to consolidate")
+    # a resumed run may have recomputed ids of an unreadable shard: keep the first occurrence
+    _, first = np.unique(ids, return_index=True)
+    keep = np.sort(first)
+    ids, emb = ids[keep], emb[keep]
+    if order is not None:
+        pos = {k: n for n, k in enumerate(ids)}
+        sel = [pos[str(k)] for k in order if str(k) in pos]
+        ids, emb = ids[sel], emb[sel]
+    path = save_split(store, model, split, ids, emb)
+    for p in parts_dir(store, model, split).glob("part-*.npz"):
+        p.unlink()
+    parts_dir(store, model, split).rmdir()
+    return path
+
+
+# ---------------------------------------------------------------- failures (broken images)
+
+def failures_path(store: str | Path, split: str) -> Path:
+    return Path(store) / FAILURES_DIR / f"{split}.csv"
+
+
+def write_failures(store: str | Path, split: str, failures: dict[str, str]) -> Path:
+    """Atomically write ``id,reason`` rows for images that could not be decoded."""
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["id", "reason"])
+    for k in sorted(failures):
+        w.writerow([k, failures[k]])
+    data = buf.getvalue().encode()
+    path = failures_path(store, split)
+    _atomic_write(path, lambda fh: fh.write(data))
+    return path
+
+
+def read_failures(store: str | Path, split: str) -> dict[str, str]:
+    path = failures_path(store, split)
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        return {row["id"]: row["reason"] for row in csv.DictReader(fh)}
