@@ -1,0 +1,135 @@
+"""``weights_manifest.json``: one entry per ensemble member, validated before anything is built.
+
+Format: ``{"models": [entry, ...]}``. An entry (SPEC §1 gives the values of the nine real ones)::
+
+    name           unique model name (the SPEC's exact names)
+    family         "dolg" | "hybrid" | "effnet"
+    backbone       timm model name (for a hybrid: the Swin)
+    embedder       hybrid only: timm EfficientNet replacing Swin's patch embedding
+    feature_level  hybrid only: the embedder's feature level (timm ``out_indices``) fed to the Swin
+    image_size     square input size in pixels
+    stem_stride    1 or 2 (EfficientNet stem stride)
+    dilations      dolg only: the three dilations of the multi-atrous local branch
+    group          recognition averaging family (descriptors are averaged within a group, SPEC §4)
+    tracks         subset of ["recognition", "retrieval"]
+    checkpoint     checkpoint file name inside the weights folder
+    sha256         the checkpoint's sha256 (hex) or null until pinned
+    priority       1 = most valuable; when time runs short models are dropped from the highest number down
+    backbone_args / embedder_args   optional extra timm keyword arguments (the tiny demo preset uses them)
+    local_dim / atrous_dim          dolg only, optional: widths of the local branch (paper: 1024 / 512)
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from kernel.errors import KernelError
+
+FAMILIES = ("dolg", "hybrid", "effnet")
+TRACKS = ("recognition", "retrieval")
+
+_COMMON = {
+    "name": str,
+    "family": str,
+    "backbone": str,
+    "image_size": int,
+    "stem_stride": int,
+    "group": str,
+    "tracks": list,
+    "checkpoint": str,
+    "priority": int,
+}
+_FAMILY_FIELDS = {"dolg": {"dilations": list}, "hybrid": {"embedder": str, "feature_level": int}, "effnet": {}}
+_OPTIONAL = {"sha256": (str, type(None)), "backbone_args": dict, "embedder_args": dict, "embedding_dim": int,
+             "local_dim": int, "atrous_dim": int, "description": str}
+
+
+def _fail(where: str, name: str, field: str, why: str):
+    raise KernelError(f"{where}: model '{name}': field '{field}' {why}")
+
+
+def validate_entry(entry, where: str = "manifest") -> dict:
+    """Check one entry; raises :class:`KernelError` naming the entry and the field."""
+    if not isinstance(entry, dict):
+        raise KernelError(f"{where}: every entry of 'models' must be an object, got {type(entry).__name__}")
+    name = entry.get("name", "<unnamed>")
+    family = entry.get("family")
+    if family not in FAMILIES:
+        _fail(where, name, "family", f"must be one of {', '.join(FAMILIES)} (got {family!r})")
+    fields = {**_COMMON, **_FAMILY_FIELDS[family]}
+    for field, typ in fields.items():
+        if field not in entry:
+            _fail(where, name, field, "is missing")
+        value = entry[field]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            _fail(where, name, field, f"must be {typ.__name__} (got {value!r})")
+    for field, typ in _OPTIONAL.items():
+        if field in entry and not isinstance(entry[field], typ):
+            _fail(where, name, field, f"has the wrong type (got {entry[field]!r})")
+    known = set(fields) | set(_OPTIONAL)
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        _fail(where, name, unknown[0], "is not a known manifest field")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        _fail(where, name, "name", "may only hold letters, digits, '_', '.', '-'")
+    if entry["image_size"] <= 0:
+        _fail(where, name, "image_size", "must be positive")
+    if entry["stem_stride"] not in (1, 2):
+        _fail(where, name, "stem_stride", "must be 1 or 2")
+    if entry["priority"] < 1:
+        _fail(where, name, "priority", "must be >= 1")
+    if not entry["tracks"] or any(t not in TRACKS for t in entry["tracks"]):
+        _fail(where, name, "tracks", f"must be a non-empty subset of {list(TRACKS)}")
+    if family == "dolg":
+        d = entry["dilations"]
+        if len(d) != 3 or not all(isinstance(x, int) and x > 0 for x in d):
+            _fail(where, name, "dilations", "must be three positive integers")
+    if family == "hybrid" and not 0 <= entry["feature_level"] <= 4:
+        _fail(where, name, "feature_level", "must be between 0 and 4")
+    sha = entry.get("sha256")
+    if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
+        _fail(where, name, "sha256", "must be 64 lowercase hex digits or null")
+    if "/" in entry["checkpoint"] or "\\" in entry["checkpoint"]:
+        _fail(where, name, "checkpoint", "must be a file name inside the weights folder, not a path")
+    return entry
+
+
+def validate_manifest(data, where: str = "manifest") -> list[dict]:
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise KernelError(f"{where}: expected an object with a 'models' list")
+    entries = [validate_entry(e, where) for e in data["models"]]
+    names = [e["name"] for e in entries]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise KernelError(f"{where}: model '{dup[0]}' appears more than once")
+    if not entries:
+        raise KernelError(f"{where}: 'models' is empty")
+    return entries
+
+
+def load_manifest(path: str | Path) -> list[dict]:
+    """Read and validate a manifest file; returns its entries."""
+    path = Path(path)
+    if not path.is_file():
+        raise KernelError(f"{path}: manifest not found")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise KernelError(f"{path}: not valid JSON ({exc})") from None
+    return validate_manifest(data, str(path))
+
+
+def select(entries: list[dict], names=None, track: str | None = None) -> list[dict]:
+    """Entries for a track and/or an explicit comma-separated list (or list) of names, manifest order kept."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if names:
+        known = {e["name"] for e in entries}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise KernelError(f"unknown model '{missing[0]}' (manifest has: {', '.join(sorted(known))})")
+        entries = [e for e in entries if e["name"] in names]
+    if track is not None:
+        entries = [e for e in entries if track in e["tracks"]]
+    return entries
