@@ -1,0 +1,20 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """The tiny demo preset (nine models, original layouts), written once per test session."""
+    from kernel.models.demo import write_demo_weights
+
+    out = tmp_path_factory.mktemp("tiny_weights")
+    manifest = write_demo_weights(out, "tiny")
+    return out, manifest

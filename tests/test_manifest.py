@@ -1,0 +1,69 @@
+"""weights_manifest.json: the nine SPEC models, and malformed entries rejected by entry and field."""
+import copy
+import json
+
+import pytest
+
+from kernel.errors import KernelError
+from kernel.models import build_model, load_manifest, select, validate_manifest
+from kernel.models.demo import REPO_MANIFEST, preset_entries
+
+SPEC_NAMES = [
+    "dolg_effnet_b5_768", "dolg_effnet_b6_768", "dolg_effnet_b7_448_s1", "hybrid_b3_swin224_896",
+    "hybrid_b5_swin224_448_s1", "hybrid_b6_swin384_384", "effnet_b3_768", "effnet_b6_512", "effnet_b5_704",
+]
+
+
+def test_repo_manifest_has_the_nine_models():
+    entries = load_manifest(REPO_MANIFEST)
+    assert [e["name"] for e in entries] == SPEC_NAMES
+    by = {e["name"]: e for e in entries}
+    assert by["dolg_effnet_b7_448_s1"]["stem_stride"] == 1 and by["dolg_effnet_b7_448_s1"]["dilations"] == [3, 6, 9]
+    assert by["hybrid_b6_swin384_384"]["feature_level"] == 1
+    assert [e["name"] for e in select(entries, track="recognition")] == SPEC_NAMES[:8]
+    assert [e["name"] for e in select(entries, track="retrieval")] == SPEC_NAMES[:6] + SPEC_NAMES[7:]
+    assert sorted(e["priority"] for e in entries) == list(range(1, 10))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("family", "resnet", "field 'family' must be one of"),
+    ("image_size", "768", "field 'image_size' must be int"),
+    ("stem_stride", 3, "field 'stem_stride' must be 1 or 2"),
+    ("tracks", ["detection"], "field 'tracks'"),
+    ("dilations", [1, 2], "field 'dilations'"),
+    ("sha256", "abc", "field 'sha256'"),
+    ("checkpoint", "../x.pth", "field 'checkpoint'"),
+    ("colour", "red", "field 'colour' is not a known"),
+])
+def test_malformed_entry_names_entry_and_field(field, value, message):
+    data = json.loads(REPO_MANIFEST.read_text())
+    data["models"][0][field] = value
+    with pytest.raises(KernelError, match=f"model 'dolg_effnet_b5_768': {message}"):
+        validate_manifest(data, "weights_manifest.json")
+
+
+def test_missing_field_and_duplicates(tmp_path):
+    data = json.loads(REPO_MANIFEST.read_text())
+    del data["models"][3]["embedder"]
+    with pytest.raises(KernelError, match="model 'hybrid_b3_swin224_896': field 'embedder' is missing"):
+        validate_manifest(data)
+    data = json.loads(REPO_MANIFEST.read_text())
+    data["models"].append(copy.deepcopy(data["models"][0]))
+    with pytest.raises(KernelError, match="appears more than once"):
+        validate_manifest(data)
+    bad = tmp_path / "m.json"
+    bad.write_text("{not json")
+    with pytest.raises(KernelError, match="m.json: not valid JSON"):
+        load_manifest(bad)
+
+
+def test_unknown_model_in_selection():
+    with pytest.raises(KernelError, match="unknown model 'dolg_b9'"):
+        select(load_manifest(REPO_MANIFEST), "dolg_b9")
+
+
+def test_hybrid_geometry_must_land_on_the_token_grid():
+    entry = copy.deepcopy(next(e for e in preset_entries("tiny") if e["family"] == "hybrid"))
+    entry["image_size"] += 32
+    with pytest.raises(KernelError, match="token grid"):
+        build_model(entry)
