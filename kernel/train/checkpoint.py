@@ -1,0 +1,132 @@
+"""Training checkpoints: the original layout for the kernel, full state for resuming, weight transfer
+between recipe steps.
+
+Files a step writes into its output folder (every write atomic: temporary file, fsync, ``os.replace``):
+
+- ``model.pth``: ``{"model": state dict in the original training layout (training head included),
+  "class_map": [landmark ids in class order], "recipe", "step", "epoch", "arch", "metrics"}``.
+  :func:`kernel.models.load_weights` reads it directly (it unwraps ``"model"`` and drops the head).
+  Hybrid / Swin state dicts are written in old timm's layout (patch merging at the *end* of stage i,
+  ``layers.i.downsample``), the layout of the published checkpoints that the zoo adapts on loading.
+- ``last.pth``: the same plus optimiser, scheduler, grad-scaler and sampler state, for ``--resume``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kernel.errors import KernelError
+
+log = logging.getLogger(__name__)
+
+_NEW_DOWNSAMPLE = re.compile(r"^(backbone\.layers\.)(\d+)(\.downsample\..*)$")
+
+
+def to_original(state_dict: dict, family: str) -> dict:
+    """Current-timm keys -> the original training layout (Swin patch merging moved to the end of the
+    previous stage)."""
+    if family not in ("hybrid", "swin"):
+        return dict(state_dict)
+    out = {}
+    for k, v in state_dict.items():
+        m = _NEW_DOWNSAMPLE.match(k)
+        out[f"{m.group(1)}{int(m.group(2)) - 1}{m.group(3)}" if m else k] = v
+    return out
+
+
+def from_original(state_dict: dict, family: str) -> dict:
+    """Inverse of :func:`to_original` (drops Swin's derived ``relative_position_index`` / ``attn_mask``)."""
+    if family not in ("hybrid", "swin"):
+        return dict(state_dict)
+    out = {}
+    for k, v in state_dict.items():
+        if "relative_position_index" in k or "attn_mask" in k:
+            continue
+        m = _NEW_DOWNSAMPLE.match(k)
+        out[f"{m.group(1)}{int(m.group(2)) + 1}{m.group(3)}" if m else k] = v
+    return out
+
+
+def atomic_save(obj, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def model_record(net: nn.Module, class_map, **meta) -> dict:
+    """The ``model.pth`` payload: original-layout state dict + class map + whatever ``meta`` holds."""
+    sd = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    return {"model": to_original(sd, net.family), "class_map": list(class_map.landmark_ids), **meta}
+
+
+def load_record(path: str | Path) -> dict:
+    from kernel.models import read_checkpoint
+
+    obj = read_checkpoint(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        raise KernelError(f"{path}: not a training checkpoint (no 'model' state dict)")
+    return obj
+
+
+@dataclass
+class TransferReport:
+    what: str
+    loaded: list = field(default_factory=list)
+    shape_mismatch: list = field(default_factory=list)
+    missing: list = field(default_factory=list)
+    unused: list = field(default_factory=list)
+    popped: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.what}: {len(self.loaded)} tensors loaded, {len(self.missing)} left at init "
+                f"({len(self.shape_mismatch)} of them for shape), {len(self.unused)} unused, "
+                f"{len(self.popped)} popped")
+
+
+def transfer(module: nn.Module, state_dict: dict, pop=(), min_fraction: float = 0.5,
+             what: str = "transfer") -> TransferReport:
+    """Load the tensors of ``state_dict`` whose name and shape match ``module``'s (a recipe step starting from
+    the previous one: a new head size, a swapped patch embedding, an inserted EfficientNet block keep their
+    init). ``pop``: name substrings never loaded (the original configs' ``pop_weights``). Raises
+    :class:`KernelError` when fewer than ``min_fraction`` of the module's tensors could be loaded (wrong
+    checkpoint)."""
+    own = module.state_dict()
+    rep = TransferReport(what)
+    new = {}
+    for k, v in state_dict.items():
+        if any(p in k for p in pop):
+            rep.popped.append(k)
+        elif k not in own:
+            rep.unused.append(k)
+        elif tuple(v.shape) != tuple(own[k].shape):
+            rep.shape_mismatch.append(f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}")
+        else:
+            new[k] = v
+            rep.loaded.append(k)
+    rep.missing = sorted(set(own) - set(new))
+    if len(rep.loaded) < min_fraction * len(own):
+        raise KernelError(f"{what}: only {len(rep.loaded)} of {len(own)} tensors match "
+                          f"(first mismatches: {(rep.shape_mismatch + rep.missing)[:3]}); wrong checkpoint?")
+    module.load_state_dict(new, strict=False)
+    log.info(rep.summary())
+    for line in rep.shape_mismatch[:5]:
+        log.info("  kept init (shape): %s", line)
+    return rep
