@@ -1,0 +1,243 @@
+"""``python -m kernel profile``: per-model cost on this device, projected P100 cost, and the 12-hour plan.
+
+For every model: measured ms/image on this device at its real image size and best batch size, GFLOP/image
+(torch's flop counter), projected P100 ms/image (:mod:`kernel.budget` documents the model), then the
+projected hours of the whole run for the given image counts against the budget and the plan of which models
+fit. Prints a table, and optionally writes the same as JSON and a bar chart as PNG.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from kernel import budget
+from kernel.errors import KernelError
+
+log = logging.getLogger(__name__)
+
+HELP = "measure each model on this device, project P100 time and plan what fits the 12 h budget"
+
+
+def _device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KernelError("--device cuda: no CUDA device is available on this machine")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def time_model(model, size: int, device: torch.device, batch_sizes, iters: int) -> tuple[float, int]:
+    """Best (ms per image, batch size) over the candidate batch sizes; stops growing the batch on OOM or
+    when throughput stops improving."""
+    best = (float("inf"), batch_sizes[0])
+    amp = device.type == "cuda"
+    for bs in batch_sizes:
+        x = torch.randn(bs, 3, size, size, device=device)
+        if amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        try:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                model(x)  # warm-up
+                if amp:
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    model(x)
+                if amp:
+                    torch.cuda.synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            break
+        ms = (time.perf_counter() - t0) * 1000 / (iters * bs)
+        if ms < best[0]:
+            best = (ms, bs)
+        elif ms > best[0] * 0.97:
+            break
+    return best
+
+
+def profile_models(entries, weights=None, device=None, batch_sizes=None, iters=None, efficiency=None,
+                   target="p100", measure=True) -> list[dict]:
+    from kernel.models import build_model, load_model
+
+    device = _device(device)
+    tgt = budget.TARGETS[target]
+    if batch_sizes is None:
+        batch_sizes = [1, 2, 4, 8, 16, 32, 64] if device.type == "cuda" else [1, 2]
+    iters = iters or (5 if device.type == "cuda" else 1)
+    rows = []
+    for e in entries:
+        gflop = budget.count_gflops(e)
+        row = {"name": e["name"], "family": e["family"], "image_size": e["image_size"], "priority": e["priority"],
+               "tracks": e["tracks"], "gflop": round(gflop, 2),
+               "p100_ms": round(budget.projected_ms(gflop, e["family"], tgt, efficiency), 1)}
+        if measure:
+            model = load_model(e, weights, device) if weights else build_model(e).eval().to(device)
+            if device.type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
+            ms, bs = time_model(model, e["image_size"], device, batch_sizes, iters)
+            row.update(measured_ms=round(ms, 2), batch_size=bs)
+            eff = budget.measured_efficiency(gflop, ms, device_name(device)) if device.type == "cuda" else None
+            if eff is not None:
+                row["measured_efficiency"] = round(eff, 3)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        log.info("%s: %s", e["name"], row)
+        rows.append(row)
+    return rows
+
+
+def images_per_model(entry: dict, track: str, n_test: int, n_index: int, n_train: int) -> int:
+    n = n_test + n_train
+    if track == "retrieval":
+        n += n_index
+    return n
+
+
+def make_plan(rows, entries, track, n_test, n_index, n_train, budget_hours, decode_ms, reserve_hours):
+    by = {e["name"]: e for e in entries}
+    chosen = [r for r in rows if track in by[r["name"]]["tracks"]]
+    costs, priority = {}, {}
+    for r in chosen:
+        n = images_per_model(by[r["name"]], track, n_test, n_index, n_train)
+        costs[r["name"]] = n * r["p100_ms"] / 1000
+        priority[r["name"]] = r["priority"]
+        r[f"{track}_hours"] = round(costs[r["name"]] / 3600, 3)
+    n_images = n_test + n_train + (n_index if track == "retrieval" else 0)
+    fixed = n_images * decode_ms / 1000 / 2 + reserve_hours * 3600  # 2 decode workers on Kaggle
+    plan = budget.plan_models(costs, priority, budget_hours * 3600, fixed_s=fixed)
+    out = plan.as_dict()
+    out.update(track=track, images=n_images, fixed_hours=round(fixed / 3600, 3))
+    return out
+
+
+def format_table(rows, plans, device_label) -> str:
+    head = f"{'model':<26}{'size':>5}{'GFLOP':>8}{'here ms':>10}{'bs':>4}{'P100 ms':>9}"
+    tracks = [p["track"] for p in plans]
+    head += "".join(f"{t[:5] + ' h':>9}" for t in tracks)
+    lines = [f"device: {device_label}; P100 projection: {budget.P100['fp16_tflops']} TFLOPS fp16 x family "
+             f"efficiency ({', '.join(f'{k} {v}' for k, v in budget.DEFAULT_EFFICIENCY.items())})", head,
+             "-" * len(head)]
+    for r in rows:
+        here = f"{r['measured_ms']:>10.1f}{r['batch_size']:>4}" if "measured_ms" in r else f"{'-':>10}{'-':>4}"
+        line = f"{r['name']:<26}{r['image_size']:>5}{r['gflop']:>8.1f}{here}{r['p100_ms']:>9.1f}"
+        for t in tracks:
+            v = r.get(f"{t}_hours")
+            line += f"{v:>9.2f}" if v is not None else f"{'-':>9}"
+        lines.append(line)
+    for p in plans:
+        lines.append("")
+        lines.append(f"{p['track']}: {p['images']} images per model; projected {p['projected_hours']:.2f} h of "
+                     f"{p['budget_hours']:.1f} h (incl. {p['fixed_hours']:.2f} h decode + reserve) -> "
+                     f"{'fits' if p['fits'] else 'DOES NOT FIT'}")
+        lines.append(f"  keep: {', '.join(p['kept'])}")
+        if p["dropped"]:
+            lines.append(f"  drop: {', '.join(p['dropped'])}")
+        lines.extend(f"  - {d}" for d in p["decisions"])
+    return "\n".join(lines)
+
+
+def plot(rows, plans, path: Path, title: str) -> None:
+    """Horizontal bar chart (PIL only): projected P100 hours per model per track, and the budget line."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    tracks = [p["track"] for p in plans]
+    colours = {"recognition": (52, 101, 164), "retrieval": (204, 102, 0)}
+    bar_h, gap, left, right, top = 14, 10, 210, 60, 50
+    height = top + len(rows) * (len(tracks) * bar_h + gap) + 60
+    width = 900
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), title, fill="black", font=font)
+    vmax = max([r.get(f"{t}_hours", 0) or 0 for r in rows for t in tracks] + [0.01])
+    scale = (width - left - right) / vmax
+    y = top
+    for r in rows:
+        d.text((10, y + 2), f"{r['name']} ({r['gflop']:.0f} GFLOP)", fill="black", font=font)
+        for t in tracks:
+            v = r.get(f"{t}_hours")
+            if v is not None:
+                d.rectangle([left, y, left + max(1, int(v * scale)), y + bar_h - 2], fill=colours.get(t, "gray"))
+                d.text((left + int(v * scale) + 4, y), f"{v:.2f} h", fill="black", font=font)
+            y += bar_h
+        y += gap
+    for i, p in enumerate(plans):
+        d.rectangle([10, y + 10 + i * 16, 22, y + 20 + i * 16], fill=colours.get(p["track"], "gray"))
+        d.text((28, y + 10 + i * 16), f"{p['track']}: total {p['projected_hours']:.2f} h of {p['budget_hours']:.0f} h, "
+               f"keeps {len(p['kept'])}/{len(p['kept']) + len(p['dropped'])} models", fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def add_arguments(p) -> None:
+    from kernel.models.demo import REPO_MANIFEST
+
+    p.add_argument("--manifest", default=str(REPO_MANIFEST), help="weights manifest (default: the repo's nine models)")
+    p.add_argument("--weights", default=None, help="checkpoint folder (optional: timings do not depend on weights)")
+    p.add_argument("--models", default=None, help="comma-separated subset")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--track", choices=["recognition", "retrieval", "both"], default="both")
+    p.add_argument("--n-test", type=int, default=10_000, help="test images (default 10,000)")
+    p.add_argument("--n-index", type=int, default=76_176, help="retrieval index images (default 76,176, SPEC §5)")
+    p.add_argument("--n-train", type=int, default=0,
+                   help="train images extracted in the kernel (default 0: train descriptors are precomputed)")
+    p.add_argument("--target", choices=sorted(budget.TARGETS), default="p100")
+    p.add_argument("--budget-hours", type=float, default=12.0)
+    p.add_argument("--reserve-hours", type=float, default=0.5, help="reserved for loading and post-processing")
+    p.add_argument("--decode-ms", type=float, default=12.0, help="CPU decode+resize ms per image and core")
+    p.add_argument("--efficiency", action="append", default=[], metavar="FAMILY=VALUE",
+                   help="override a family's assumed fraction of P100 fp16 peak (repeatable)")
+    p.add_argument("--batch-sizes", default=None, help="comma-separated candidate batch sizes")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per batch size")
+    p.add_argument("--no-measure", action="store_true", help="FLOPs and projection only, no timing here")
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--plot", default=None, help="write a bar chart PNG here")
+
+
+def run(args) -> int:
+    from kernel.models import load_manifest, select
+
+    entries = select(load_manifest(args.manifest), args.models)
+    efficiency = {}
+    for item in args.efficiency:
+        fam, _, val = item.partition("=")
+        if fam not in budget.DEFAULT_EFFICIENCY:
+            raise KernelError(f"--efficiency {item}: unknown family '{fam}'")
+        try:
+            efficiency[fam] = float(val)
+        except ValueError:
+            raise KernelError(f"--efficiency {item}: '{val}' is not a number") from None
+    device = _device(args.device)
+    bss = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
+    rows = profile_models(entries, args.weights, str(device), bss, args.iters, efficiency, args.target,
+                          measure=not args.no_measure)
+    tracks = ["recognition", "retrieval"] if args.track == "both" else [args.track]
+    plans = [make_plan(rows, entries, t, args.n_test, args.n_index, args.n_train, args.budget_hours,
+                       args.decode_ms, args.reserve_hours) for t in tracks]
+    label = device_name(device)
+    print(format_table(rows, plans, label))
+    result = {"device": label, "target": budget.TARGETS[args.target], "efficiency": {**budget.DEFAULT_EFFICIENCY,
+              **efficiency}, "counts": {"test": args.n_test, "index": args.n_index, "train": args.n_train},
+              "models": rows, "plans": {p["track"]: p for p in plans}}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"\nJSON: {args.json}")
+    if args.plot:
+        plot(rows, plans, Path(args.plot), f"Projected {args.target.upper()} hours per model ({label})")
+        print(f"plot: {args.plot}")
+    return 0
