@@ -16,6 +16,9 @@ from kernel.errors import KernelError
 # command name -> module implementing it (imported lazily when the command runs or its help is shown)
 COMMANDS: dict[str, str] = {
     "demo-weights": "kernel.models.demo",
+    "profile": "kernel.profile",
+    "predict": "kernel.predict",
+    "dry-run": "kernel.dryrun",
     "extract": "kernel.extract",
 }
 
