@@ -81,8 +81,8 @@ def profile_models(entries, weights=None, device=None, batch_sizes=None, iters=N
     for e in entries:
         gflop = budget.count_gflops(e)
         row = {"name": e["name"], "family": e["family"], "image_size": e["image_size"], "priority": e["priority"],
-               "tracks": e["tracks"], "gflop": round(gflop, 2),
-               "p100_ms": round(budget.projected_ms(gflop, e["family"], tgt, efficiency), 1)}
+               "tracks": e["tracks"], "gflop": round(gflop, 3),
+               "p100_ms": round(budget.projected_ms(gflop, e["family"], tgt, efficiency), 3)}
         if measure:
             model = load_model(e, weights, device) if weights else build_model(e).eval().to(device)
             if device.type == "cuda":
