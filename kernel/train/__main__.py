@@ -1,0 +1,5 @@
+import sys
+
+from kernel.train.cli import main
+
+sys.exit(main())

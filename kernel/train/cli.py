@@ -1,0 +1,148 @@
+"""``python -m kernel.train fit | clean | smoke``.
+
+Bad input ends with one line ``error: ...`` naming the file or field (exit 2), never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from kernel.errors import KernelError
+
+log = logging.getLogger(__name__)
+
+
+def _parse_set(items) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise KernelError(f"--set {item!r}: expected KEY=VALUE (VALUE in JSON, e.g. batch_size=8)")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except ValueError:
+            out[k.strip()] = v
+    return out
+
+
+def add_fit(p) -> None:
+    p.add_argument("--recipe", required=True, help="recipe name (see kernel/train/recipes.py)")
+    p.add_argument("--step", type=int, required=True, help="1-based step of the recipe")
+    p.add_argument("--data", required=True, help="GLDv2 folder: train/a/b/c/<id>.jpg plus the label CSVs")
+    p.add_argument("--out", required=True, help="run folder; the step writes OUT/step<K>/")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/step<K>/last.pth when it exists")
+    p.add_argument("--init", default=None, help="checkpoint to start from instead of OUT/step<init>/model.pth")
+    p.add_argument("--images", default=None, help="image folder (default DATA/train)")
+    p.add_argument("--train-csv", default=None, help="label CSV instead of the step's named data set")
+    p.add_argument("--manifest", default=None, help="weights_manifest.json with the architecture (default: the repo's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a step field (repeatable)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="images per class held out for validation")
+    p.add_argument("--val-before", action="store_true", help="validate once before training")
+    p.add_argument("--imagenet", action="store_true",
+                   help="load timm ImageNet weights first (timm's cache); parts new in this step start pretrained")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_fit(args) -> int:
+    from pathlib import Path
+
+    from kernel.train.data import holdout, load_named, read_labels
+    from kernel.train.fit import StepRun
+    from kernel.train.recipes import resolve_step
+
+    entries = None
+    if args.manifest:
+        from kernel.models import load_manifest
+
+        entries = load_manifest(args.manifest)
+    step = resolve_step(args.recipe, args.step, entries, _parse_set(args.set))
+    df = read_labels(args.train_csv) if args.train_csv else load_named(args.data, step["data"])
+    train_df, val_df = holdout(df, args.val_fraction, seed=args.seed)
+    out = Path(args.out) / f"step{args.step}"
+    run = StepRun(step, train_df, val_df, args.images or Path(args.data) / "train", out, init_path=args.init,
+                  resume=args.resume, device=args.device, workers=args.workers, imagenet=args.imagenet,
+                  precision=args.precision, seed=args.seed)
+    hist = run.run(validate_before=args.val_before)
+    if run.env.main and hist:
+        print(json.dumps({"model": str(out / "model.pth"), **hist[-1]}))
+    return 0
+
+
+def add_clean(p) -> None:
+    p.add_argument("--store", required=True, help="descriptor store with the GLDv2 train descriptors")
+    p.add_argument("--model", default=None, help="model whose descriptors to use (default: the store's only one)")
+    p.add_argument("--split", default="train", help="store split holding the images of --train-csv")
+    p.add_argument("--train-csv", required=True, help="labels to clean (id,landmark_id or landmark_id,images)")
+    p.add_argument("--out", required=True, help="cleaned CSV to write (report: OUT.report.json beside it)")
+    p.add_argument("--eps", type=float, default=0.4, help="DBSCAN cosine distance of the first pass")
+    p.add_argument("--min-samples", type=int, default=3)
+    p.add_argument("--recover-eps", type=float, default=0.55, help="looser distance re-clustering the noise")
+    p.add_argument("--recover-min-samples", type=int, default=2)
+
+
+def run_clean(args) -> int:
+    from kernel.train.clean import run_clean as clean
+
+    report = clean(args.store, args.model, args.split, args.train_csv, args.out, eps=args.eps,
+                   min_samples=args.min_samples, recover_eps=args.recover_eps,
+                   recover_min_samples=args.recover_min_samples)
+    print(json.dumps(report))
+    return 0
+
+
+def add_smoke(p) -> None:
+    p.add_argument("--quick", action="store_true", help="one family, fewer views and epochs (CI: well under a minute)")
+    p.add_argument("--families", default=None, help="comma-separated subset of effnet,dolg,hybrid")
+    p.add_argument("--out", default=None, help="keep the generated data and runs here (default: a temp folder)")
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_smoke(args) -> int:
+    from kernel.train.smoke import run_smoke as smoke
+
+    fams = [f.strip() for f in args.families.split(",")] if args.families else None
+    res = smoke(quick=args.quick, out=args.out, families=fams, seed=args.seed, progress=not args.json)
+    if not args.json:
+        for fam, r in res["families"].items():
+            print(f"{fam:7s} ({r['model']}): mAP@100 {r['map_before']:.3f} -> {r['map_after']:.3f}, "
+                  f"GAP {r['gap_before']:.3f} -> {r['gap_after']:.3f}")
+    print(json.dumps(res))
+    return 0
+
+
+COMMANDS = {
+    "fit": ("train one recipe step (torchrun for several GPUs)", add_fit, run_fit),
+    "clean": ("DBSCAN cleaning of the training labels on descriptors", add_clean, run_clean),
+    "smoke": ("tiny CPU training run on the bundled photos; prints map_before / map_after", add_smoke, run_smoke),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kernel.train",
+                                     description="Training code that reproduces the kernel's checkpoints.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_, add, _) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_, description=help_))
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet = getattr(args, "json", False)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(COMMANDS[args.command][2](args) or 0)
+    except KernelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

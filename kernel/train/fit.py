@@ -1,0 +1,371 @@
+"""The training loop of one recipe step.
+
+Mixed precision (bf16 where the GPU has it, else fp16 with a grad scaler; fp32 on CPU), distributed data
+parallel when started by ``torchrun`` (one process per GPU; ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` from the
+environment; NCCL on GPUs, Gloo on CPUs), Adam with weight decay (or SGD), per-iteration cosine / poly schedule
+with linear warm-up, gradient accumulation and clipping, a NaN guard that skips a step on every rank together
+and stops after too many in a row, a progress bar, per-epoch validation (GAP and mAP@100 of held-out images,
+with the project's own metrics), and after every epoch an atomically written ``model.pth`` (original layout,
+loadable by :func:`kernel.models.load_weights`) and ``last.pth`` (resumable).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from kernel.errors import KernelError
+from kernel.train import checkpoint as ckpt
+from kernel.train.augment import eval_transform, train_transform
+from kernel.train.cutmix import corner_cutmix, dual_stream_loss
+from kernel.train.data import ClassMap, DistributedWeightedSampler, LandmarkDataset, class_weights
+from kernel.train.losses import build_loss
+from kernel.train.nets import Trainee, attach_head, build_net, freeze, get_head, load_imagenet
+
+log = logging.getLogger(__name__)
+
+MAX_BAD_STEPS = 50  # consecutive non-finite losses / gradients before the run is stopped
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None = None) -> Dist:
+    """Read torchrun's environment; start the process group when there is more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local, dev)
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """``auto``: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU. Returns a dtype or None (fp32)."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def lr_factor(it: int, step: dict, iters_per_epoch: int) -> float:
+    """LR multiplier at optimiser step ``it``: linear warm-up from ``warmup_start`` to 1 over
+    ``warmup_epochs``, then cosine (to 0) or poly (power 0.9) decay over the rest of ``epochs``."""
+    warm = int(step["warmup_epochs"] * iters_per_epoch)
+    total = max(step["epochs"] * iters_per_epoch, warm + 1)
+    if it < warm:
+        return step["warmup_start"] + (1 - step["warmup_start"]) * it / warm
+    t = min((it - warm) / (total - warm), 1.0)
+    if step["schedule"] == "poly":
+        return (1 - t) ** 0.9
+    return 0.5 * (1 + math.cos(math.pi * t))
+
+
+def build_optimizer(params, step: dict) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if step["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=step["lr"], momentum=0.9, nesterov=True, weight_decay=step["weight_decay"])
+    cls = torch.optim.AdamW if step["optimizer"] == "adamw" else torch.optim.Adam
+    return cls(params, lr=step["lr"], weight_decay=step["weight_decay"])
+
+
+def _all_finite(x: torch.Tensor, env: Dist) -> bool:
+    ok = torch.isfinite(x.detach()).all().float().reshape(1)
+    if env.world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() > 0)
+
+
+@torch.no_grad()
+def embed(net, dataset, device, batch_size: int, workers: int, amp_dtype=None, desc="embed"):
+    """Descriptors and head outputs of a whole dataset (eval mode). Returns ``(emb, logits)`` float32 numpy."""
+    net.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    embs, preds = [], []
+    head = get_head(net)
+    for x, _ in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 5):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            e = net(x.to(device, non_blocking=True))
+        logits = head(e.float())
+        conf, cls = logits.max(dim=1)
+        embs.append(e.float().cpu())
+        preds.append(torch.stack([cls.float(), conf.float()], dim=1).cpu())
+    return torch.cat(embs).numpy(), torch.cat(preds).numpy()
+
+
+def validation_metrics(ids, landmarks, emb, preds, class_map: ClassMap, k: int = 100) -> dict:
+    """GAP of the head's predictions and mAP@k of held-out images retrieving each other (a query never
+    retrieves itself; queries whose landmark has no other held-out image are left out)."""
+    from kernel.metrics import gap, map_at_k
+
+    ids = [str(i) for i in ids]
+    landmarks = np.asarray(landmarks)
+    pred_lm = class_map.decode(preds[:, 0].astype(np.int64))
+    recognition = {i: (int(p), float(c)) for i, p, c in zip(ids, pred_lm, preds[:, 1])}
+    truth = {i: int(t) for i, t in zip(ids, landmarks)}
+    out = {"gap": float(gap(recognition, truth)), "n_val": len(ids)}
+    e = torch.from_numpy(emb)
+    retrieved, relevant = {}, {}
+    by_lm: dict[int, list[str]] = {}
+    for i, t in zip(ids, landmarks):
+        by_lm.setdefault(int(t), []).append(i)
+    kk = min(k, len(ids) - 1)
+    for start in range(0, len(ids), 1024):
+        sims = e[start : start + 1024] @ e.T
+        rows = torch.arange(sims.shape[0])
+        sims[rows, rows + start] = -float("inf")
+        top = sims.topk(kk, dim=1).indices.numpy() if kk > 0 else np.zeros((sims.shape[0], 0), dtype=np.int64)
+        for r, q in enumerate(range(start, start + sims.shape[0])):
+            rel = [j for j in by_lm[int(landmarks[q])] if j != ids[q]]
+            if rel:
+                retrieved[ids[q]] = [ids[j] for j in top[r]]
+                relevant[ids[q]] = rel
+    out["map100"] = float(map_at_k(retrieved, relevant, k=k)) if relevant else float("nan")
+    out["n_queries"] = len(relevant)
+    return out
+
+
+class StepRun:
+    """One recipe step: data, net, optimiser, schedule, loop, checkpoints. See :func:`fit`."""
+
+    def __init__(self, step: dict, train_df: pd.DataFrame, val_df: pd.DataFrame, image_root, out_dir, *,
+                 init_path=None, resume=False, device=None, workers=2, imagenet=False, precision="auto",
+                 seed=0, val_batch_size=None, progress=True):
+        self.step, self.out = step, Path(out_dir)
+        self.env = setup_distributed(device)
+        self.progress = progress and self.env.main
+        self.workers = workers
+        self.seed = seed
+        torch.manual_seed(seed + self.env.rank)
+        np.random.seed(seed + self.env.rank)
+
+        self.class_map = ClassMap(pd.concat([train_df["landmark_id"], val_df["landmark_id"]]))
+        classes = self.class_map.encode(train_df["landmark_id"])
+        counts = np.bincount(classes, minlength=len(self.class_map))
+        # a class known only from validation images keeps a count of 1 for its margin
+        self.loss_fn = build_loss(step["loss"], np.maximum(counts, 1)).to(self.env.device)
+        size = step["arch"]["image_size"]
+        self.train_ds = LandmarkDataset(train_df["id"], classes, image_root, train_transform(size))
+        self.val_ds = LandmarkDataset(val_df["id"], self.class_map.encode(val_df["landmark_id"]), image_root,
+                                      eval_transform(size)) if len(val_df) else None
+        self.val_landmarks = val_df["landmark_id"].to_numpy()
+        self.val_ids = val_df["id"].tolist()
+        self.val_batch_size = val_batch_size or step["batch_size"]
+
+        if step["sampling_power"] > 0:
+            self.sampler = DistributedWeightedSampler(class_weights(classes, step["sampling_power"]),
+                                                      rank=self.env.rank, world=self.env.world, seed=seed)
+        else:
+            self.sampler = DistributedSampler(self.train_ds, num_replicas=self.env.world, rank=self.env.rank,
+                                              shuffle=True, seed=seed, drop_last=True)
+        self.loader = DataLoader(self.train_ds, batch_size=step["batch_size"], sampler=self.sampler,
+                                 num_workers=workers, drop_last=True, pin_memory=self.env.device.type == "cuda",
+                                 persistent_workers=workers > 0)
+        self.iters_per_epoch = len(self.loader) // step["grad_accum"]
+        if self.iters_per_epoch == 0:
+            raise KernelError(f"{len(self.train_ds)} training images give no full batch of "
+                              f"{step['batch_size']} x {step['grad_accum']} per process: lower batch_size")
+
+        arch = step["arch"]
+        self.net = build_net(arch)
+        kind = step["loss"]["type"]
+        attach_head(self.net, len(self.class_map), kind, step["loss"].get("k", 3))
+        if imagenet:
+            for line in load_imagenet(self.net, arch, step.get("pretrained_tags")):
+                log.info(line)
+        self.start_epoch, self.it = 1, 0
+        state = None
+        last = self.out / "last.pth"
+        if resume and last.is_file():
+            state = ckpt.load_record(last)
+            if (state.get("recipe"), state.get("step")) != (step["recipe"], step["step"]):
+                raise KernelError(f"{last}: was written by recipe {state.get('recipe')} step {state.get('step')}, "
+                                  f"not {step['recipe']} step {step['step']}")
+            if state["class_map"] != self.class_map.landmark_ids:
+                raise KernelError(f"{last}: its class map differs from this data (other CSV or holdout seed?)")
+            self.net.load_state_dict(ckpt.from_original(state["model"], self.net.family), strict=True)
+            self.start_epoch, self.it = state["epoch"] + 1, state["iteration"]
+            log.info("resuming %s step %d after epoch %d", step["recipe"], step["step"], state["epoch"])
+        elif resume:
+            log.info("--resume: no %s yet, starting the step from its beginning", last)
+        if state is None and step["init"] != "imagenet":
+            self._init_from(init_path, step["init"])
+        elif state is None and init_path:
+            self._init_from(init_path, {"pop": []})
+        n_train = freeze(self.net, step["train_only"])
+        log.info("%s step %d: %s, %d classes, %d train / %d val images, %.2fM trainable parameters",
+                 step["recipe"], step["step"], arch["family"], len(self.class_map), len(self.train_ds),
+                 len(val_df), n_train / 1e6)
+        self.net.to(self.env.device)
+        self.trainee = Trainee(self.net)
+        if self.env.world > 1:
+            self.trainee = torch.nn.parallel.DistributedDataParallel(
+                self.trainee, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
+                find_unused_parameters=bool(step["train_only"]))
+        self.amp = autocast_dtype(precision, self.env.device)
+        self.optimizer = build_optimizer(self.trainee.parameters(), step)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: lr_factor(it, step, self.iters_per_epoch))
+        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.amp == torch.float16)
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        self.history: list[dict] = []
+
+    def _init_from(self, path, init: dict) -> None:
+        if path is None:
+            path = self.out.parent / f"step{init['step']}" / "model.pth"
+        path = Path(path)
+        if not path.is_file():
+            raise KernelError(f"{path}: step {self.step['step']} starts from step {init.get('step')}'s "
+                              "model.pth; train that step first or pass --init FILE")
+        rec = ckpt.load_record(path)
+        family = rec.get("arch", {}).get("family", self.net.family)
+        sd = ckpt.from_original(rec["model"], family)
+        pop = list(init.get("pop", []))
+        if rec.get("class_map") != self.class_map.landmark_ids:
+            pop.append(ckpt_head_key(self.net) + ".")
+            log.info("%s: other classes than this step's data: its training head is not loaded", path)
+        ckpt.transfer(self.net, sd, pop=pop, min_fraction=0.3, what=f"init from {path}")
+
+    # ------------------------------------------------------------------ loop
+    def _forward_loss(self, x, y):
+        step = self.step
+        with torch.autocast(self.env.device.type, dtype=self.amp, enabled=self.amp is not None):
+            if step["cutmix"]:
+                mixed, ya, yb, _ = corner_cutmix(x, y, scale=tuple(step["cutmix_scale"]))
+                _, logits = self.trainee(torch.cat([x, mixed]))
+                plain, mix = logits[: len(x)], logits[len(x):]
+                return dual_stream_loss(self.loss_fn, plain, y, mix, ya, yb)
+            _, logits = self.trainee(x)
+            return self.loss_fn(logits, y)
+
+    def train_epoch(self, epoch: int) -> dict:
+        step, env = self.step, self.env
+        self.trainee.train()
+        self.sampler.set_epoch(epoch)
+        accum = step["grad_accum"]
+        params = [p for p in self.trainee.parameters() if p.requires_grad]
+        losses, bad, skipped = [], 0, 0
+        bar = tqdm(self.loader, desc=f"{step['recipe']} s{step['step']} e{epoch}", disable=not self.progress,
+                   total=self.iters_per_epoch * accum, dynamic_ncols=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, (x, y) in enumerate(bar):
+            if i >= self.iters_per_epoch * accum:
+                break
+            x = x.to(env.device, non_blocking=True)
+            y = y.to(env.device, non_blocking=True)
+            boundary = (i + 1) % accum == 0
+            sync = contextlib.nullcontext() if boundary or env.world == 1 else self.trainee.no_sync()
+            with sync:
+                loss = self._forward_loss(x, y)
+                if not _all_finite(loss, env):
+                    bad, skipped = bad + 1, skipped + 1
+                    log.warning("epoch %d batch %d: non-finite loss, batch skipped (%d in a row)", epoch, i, bad)
+                    if bad >= MAX_BAD_STEPS:
+                        raise KernelError(f"{bad} consecutive non-finite losses: lower the lr, set clip_grad, or "
+                                          "train in bf16/fp32 (--precision)")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    continue
+                self.scaler.scale(loss / accum).backward()
+            losses.append(float(loss.detach()))
+            if not boundary:
+                continue
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, step["clip_grad"] or float("inf"))
+            if self.scaler.is_enabled() or _all_finite(norm, env):
+                self.scaler.step(self.optimizer)  # the fp16 scaler skips non-finite steps itself
+                bad = 0
+            else:
+                bad, skipped = bad + 1, skipped + 1
+                log.warning("epoch %d batch %d: non-finite gradient, step skipped", epoch, i)
+                if bad >= MAX_BAD_STEPS:
+                    raise KernelError(f"{bad} consecutive non-finite gradients: lower the lr or set clip_grad")
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.it += 1
+            if self.progress:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        bar.close()
+        return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "skipped_steps": skipped,
+                "lr": float(self.scheduler.get_last_lr()[0])}
+
+    def validate(self) -> dict:
+        if self.val_ds is None:
+            return {}
+        emb, preds = embed(self.net, self.val_ds, self.env.device, self.val_batch_size, self.workers, self.amp,
+                           desc="validate")
+        return validation_metrics(self.val_ids, self.val_landmarks, emb, preds, self.class_map)
+
+    def save(self, epoch: int, metrics: dict) -> None:
+        meta = dict(recipe=self.step["recipe"], step=self.step["step"], epoch=epoch, arch=self.step["arch"],
+                    metrics=metrics)
+        rec = ckpt.model_record(self.net, self.class_map, **meta)
+        ckpt.atomic_save(rec, self.out / "model.pth")
+        state = dict(rec, iteration=self.it, optimizer=self.optimizer.state_dict(),
+                     scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict())
+        ckpt.atomic_save(state, self.out / "last.pth")
+        self.class_map.save(self.out / "class_map.csv")
+        with open(self.out / "history.jsonl", "a") as fh:
+            fh.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
+
+    def run(self, validate_before: bool = False) -> list[dict]:
+        step, env = self.step, self.env
+        if env.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        last_epoch = step["stop_at"] or step["epochs"]
+        if validate_before and env.main:
+            m = {"epoch": 0, **self.validate()}
+            log.info("before training: %s", _fmt(m))
+            self.history.append(m)
+        for epoch in range(self.start_epoch, last_epoch + 1):
+            t0 = time.time()
+            m = self.train_epoch(epoch)
+            if env.main:
+                m.update(self.validate())
+                m["seconds"] = round(time.time() - t0, 1)
+                self.save(epoch, m)
+                log.info("epoch %d/%d: %s", epoch, last_epoch, _fmt(m))
+                self.history.append({"epoch": epoch, **m})
+            if env.world > 1:
+                dist.barrier()
+        return self.history
+
+
+def ckpt_head_key(net) -> str:
+    from kernel.train.nets import HEAD_KEY
+
+    return HEAD_KEY[net.family]
+
+
+def _fmt(m: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
