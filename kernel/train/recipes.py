@@ -292,7 +292,7 @@ def resolve_step(name: str, step: int, entries: list[dict] | None = None, overri
             raise KernelError(f"recipe '{name}': model '{recipe['model']}' is not in the manifest")
         arch = copy.deepcopy(match[0])
     for k in arch_keys & set(s):
-        arch[k] = s.pop(k)
+        arch[k] = s[k]
     for k in ("backbone_args", "embedder_args"):
         if k in s:
             arch[k] = s.pop(k)

@@ -1,0 +1,109 @@
+"""GLDv2 label CSVs, class map, folder layouts, dataset, holdout, sampler."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from kernel.errors import KernelError
+from kernel.train.data import (
+    ClassMap,
+    DistributedWeightedSampler,
+    LandmarkDataset,
+    class_weights,
+    find_layout,
+    holdout,
+    load_named,
+    read_labels,
+)
+
+
+def test_read_both_csv_formats(tmp_path):
+    (tmp_path / "train.csv").write_text("id,url,landmark_id\naaa1,http://x,7\nbbb2,http://y,3\nccc3,,7\n")
+    (tmp_path / "train_clean.csv").write_text("landmark_id,images\n7,aaa1 ccc3\n")
+    full = read_labels(tmp_path / "train.csv")
+    assert list(full.columns) == ["id", "landmark_id"] and full["landmark_id"].tolist() == [7, 3, 7]
+    clean = read_labels(tmp_path / "train_clean.csv")
+    assert sorted(clean["id"]) == ["aaa1", "ccc3"] and set(clean["landmark_id"]) == {7}
+    x = load_named(tmp_path, "gldv2x")  # every train.csv image of the clean classes
+    assert sorted(x["id"]) == ["aaa1", "ccc3"]
+    assert len(load_named(tmp_path, "gldv2")) == 3
+
+
+@pytest.mark.parametrize("text, field", [
+    ("image,label\na,1\n", "needs columns"),
+    ("id,landmark_id\na,x\n", "landmark_id"),
+    ("id,landmark_id\na,1\na,2\n", "more than once"),
+])
+def test_bad_csv_names_file_and_field(tmp_path, text, field):
+    p = tmp_path / "labels.csv"
+    p.write_text(text)
+    with pytest.raises(KernelError, match=field) as err:
+        read_labels(p)
+    assert str(p) in str(err.value)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(KernelError, match="not found"):
+        read_labels(tmp_path / "nope.csv")
+    with pytest.raises(KernelError, match="unknown data set"):
+        load_named(tmp_path, "gldv3")
+
+
+def test_class_map_round_trip(tmp_path):
+    cm = ClassMap([30, 10, 20, 10])
+    assert cm.landmark_ids == [10, 20, 30] and len(cm) == 3
+    assert cm.encode([20, 30, 10]).tolist() == [1, 2, 0]
+    assert cm.decode([2, 0]).tolist() == [30, 10]
+    cm.save(tmp_path / "cm.csv")
+    assert ClassMap.load(tmp_path / "cm.csv") == cm
+    with pytest.raises(KernelError, match="landmark_id 99"):
+        cm.encode([99])
+
+
+def _jpg(path, color):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20, 16), color).save(path)
+
+
+def test_layouts_and_dataset(tmp_path):
+    nested = tmp_path / "nested"
+    _jpg(nested / "a" / "b" / "c" / "abc1.jpg", (255, 0, 0))
+    _jpg(nested / "d" / "e" / "f" / "def2.jpg", (0, 255, 0))
+    (nested / "1" / "2" / "3").mkdir(parents=True)
+    (nested / "1" / "2" / "3" / "123x.jpg").write_bytes(b"not a jpeg")
+    assert find_layout(nested, "abc1") == "nested"
+    flat = tmp_path / "flat"
+    _jpg(flat / "abc1.jpg", (0, 0, 255))
+    assert find_layout(flat, "abc1") == "flat"
+    with pytest.raises(KernelError, match="neither"):
+        find_layout(flat, "zzz9")
+    ds = LandmarkDataset(["abc1", "123x", "def2"], [0, 1, 2], nested)
+    img, cls = ds[0]
+    assert img.dtype == torch.uint8 and img.shape == (3, 16, 20) and cls == 0
+    img, cls = ds[1]  # undecodable: replaced by the next image
+    assert cls == 2 and ds.failures == 1 and int(img[1].float().mean()) == 255
+
+
+def test_holdout_keeps_every_class_in_training():
+    df = pd.DataFrame({"id": [f"i{k}" for k in range(23)],
+                       "landmark_id": [1] * 10 + [2] * 10 + [3] * 2 + [4]})
+    tr, va = holdout(df, 0.3, seed=1)
+    assert set(tr["landmark_id"]) == {1, 2, 3, 4}
+    assert va["landmark_id"].value_counts().to_dict() == {1: 3, 2: 3, 3: 1}
+    assert not set(tr["id"]) & set(va["id"]) and len(tr) + len(va) == len(df)
+    tr0, va0 = holdout(df, 0.0)
+    assert len(va0) == 0 and len(tr0) == len(df)
+
+
+def test_weighted_sampler_balances_and_shards():
+    classes = np.array([0] * 90 + [1] * 10)
+    w = class_weights(classes, 1.0)
+    s0 = DistributedWeightedSampler(w, num_samples=2000, rank=0, world=2, seed=4)
+    s1 = DistributedWeightedSampler(w, num_samples=2000, rank=1, world=2, seed=4)
+    a, b = list(s0), list(s1)
+    assert len(a) == len(b) == 2000
+    frac = (classes[np.array(a + b)] == 1).mean()
+    assert 0.45 < frac < 0.55  # power 1: classes equally likely
+    s0.set_epoch(1)
+    assert list(s0) != a
