@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "predict": "kernel.predict",
     "dry-run": "kernel.dryrun",
     "extract": "kernel.extract",
+    "postprocess": "kernel.postprocess.cli",
+    "validate": "kernel.validate",
 }
 
 

@@ -1,0 +1,55 @@
+"""``python -m kernel postprocess``: descriptor store -> checked ``submission.csv`` for one track."""
+from __future__ import annotations
+
+import json
+import logging
+
+from kernel import submission
+from kernel.postprocess import pipeline
+
+logger = logging.getLogger(__name__)
+
+HELP = "re-rank / post-process the descriptors of a store and write a checked submission.csv"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--track", required=True, choices=["recognition", "retrieval"])
+    parser.add_argument("--store", required=True, help="descriptor store (STORE/<model>/<split>.npz + meta.json)")
+    parser.add_argument("--train-labels", required=True, help="train.csv with columns id,landmark_id")
+    parser.add_argument("--out", required=True, help="submission.csv to write (atomically)")
+    parser.add_argument("--models", default=None, help="comma-separated model names (default: all for the track)")
+    parser.add_argument("--rerank", default="soft", choices=list(pipeline.RERANKS),
+                        help="retrieval re-ranking (default: soft, the 2021 solution)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    g = parser.add_argument_group("constants (SPEC section 4; defaults are the papers' values)")
+    g.add_argument("--knn-k", type=int, default=None, help="neighbours of the k-NN label (3)")
+    g.add_argument("--down-weight", type=float, default=None, help="soft re-ranking down-weight (0.1)")
+    g.add_argument("--soft-keep", type=int, default=None, help="soft re-ranking: index images kept per model (750)")
+    g.add_argument("--n-results", type=int, default=None, help="retrieval answers per query (100)")
+    g.add_argument("--insert-threshold", type=float, default=None, help="two-stage: conf(q)+conf(i) threshold (0.6)")
+    g.add_argument("--bank-k-train", type=int, default=None, help="recognition: B(t) over the 5 nearest non-landmarks")
+    g.add_argument("--bank-k-query", type=int, default=None, help="recognition: C(q) over the 10 nearest non-landmarks")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    progress = not args.no_progress
+    if args.track == "retrieval":
+        params = dict(knn_k=args.knn_k, down_weight=args.down_weight, soft_keep=args.soft_keep,
+                      n_results=args.n_results, insert_threshold=args.insert_threshold)
+        preds = pipeline.retrieval_from_store(
+            args.store, args.train_labels, models=args.models, rerank=args.rerank, device=args.device,
+            progress=progress, **{k: v for k, v in params.items() if v is not None},
+        )
+    else:
+        params = dict(knn_k=args.knn_k, bank_k_train=args.bank_k_train, bank_k_query=args.bank_k_query)
+        preds = pipeline.recognition_from_store(
+            args.store, args.train_labels, models=args.models, device=args.device, progress=progress,
+            **{k: v for k, v in params.items() if v is not None},
+        )
+    test_ids = list(preds)
+    submission.write_submission(args.track, preds, test_ids, args.out)
+    summary = submission.check_submission(args.track, args.out, test_ids=test_ids)
+    print(f"wrote {args.out}: {summary['rows']} rows, {summary['predicted']} with a prediction, {summary['empty']} empty")
+    print(json.dumps(summary, sort_keys=True))
+    return 0
