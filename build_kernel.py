@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Build the Kaggle dataset and offline notebook from checkpoints, in one reproducible command.
+
+    python build_kernel.py --weights DIR [--manifest weights_manifest.json] --out build/ --user USER
+        [--slug SLUG] [--track recognition|retrieval|both] [--store S] [--index-store S2]
+        [--train-labels CSV] [--headless] [--fp16]
+
+Writes ``build/dataset/`` (upload with ``kaggle datasets create -p build/dataset --dir-mode zip``),
+``build/notebook/`` (``kaggle kernels push -p build/notebook``) and ``build/report.txt``. Everything is
+checked before anything is written; see :mod:`kernel.bundle` and ``--help``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kernel.bundle import HELP, add_arguments, run
+from kernel.errors import KernelError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="build_kernel.py", description=HELP)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return run(args)
+    except KernelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
