@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "predict": "kernel.predict",
     "dry-run": "kernel.dryrun",
     "extract": "kernel.extract",
+    "bundle": "kernel.bundle",
     "postprocess": "kernel.postprocess.cli",
     "validate": "kernel.validate",
 }
