@@ -312,6 +312,8 @@ def _stored_ids(store, model: str, split: str) -> set[str]:
 
 def _consolidate(store, model: str, split: str, order, dtype) -> None:
     """Merge shards (and a previous, partial ``<split>.npz``) into ``<split>.npz`` in ``order``."""
+    for tmp in kstore.parts_dir(store, model, split).glob(".part-*.tmp"):  # a write killed half-way
+        tmp.unlink()
     if kstore.has_split(store, model, split):
         ids, emb = kstore.load_split(store, model, split, dtype=dtype)
         kstore.write_part(store, model, split, _next_part(store, model, split, PART_RANGE * 999), ids, emb)
@@ -435,7 +437,7 @@ def _run_group(run: _Run, group: list[dict], weights_dir, label: str) -> None:
             ids = [run.records[i][0] for i in idx]
             for rid in ids:
                 run.failures.pop(rid, None)  # a retried failure that decodes now
-            for s in sizes:
+            for s in sizes if len(idx) else []:  # a batch may hold only broken images
                 x = to_model_input(batch["images"][s], IMAGENET_MEAN, IMAGENET_STD, dev,
                                    channels_last=dev.type == "cuda")
                 for name in by_size[s]:
