@@ -1,0 +1,126 @@
+"""kernel.search: exact chunked top-k, deterministic ties, score_fn, agreement with faiss."""
+import numpy as np
+import pytest
+import torch
+
+from kernel import search
+
+
+def reference_topk(q, d, k, score=None):
+    """Exhaustive search: full score matrix, ordered by (score desc, index asc)."""
+    s = (torch.as_tensor(q, dtype=torch.float64) @ torch.as_tensor(d, dtype=torch.float64).T).numpy()
+    if score is not None:
+        s = score(s)
+    k = min(k, d.shape[0])
+    idx = np.empty((len(q), k), np.int64)
+    for r in range(len(q)):
+        order = np.lexsort((np.arange(d.shape[0]), -s[r]))
+        idx[r] = order[:k]
+    return np.take_along_axis(s, idx, 1), idx
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("qc,dc", [(None, None), (3, 5), (7, 64), (1, 1000)])
+def test_equals_exhaustive_search(qc, dc):
+    rng = np.random.default_rng(0)
+    q, d = unit(rng.standard_normal((23, 16))), unit(rng.standard_normal((300, 16)))
+    v, i = search.topk(q, d, 10, query_chunk=qc, db_chunk=dc)
+    rv, ri = reference_topk(q, d, 10)
+    assert v.shape == (23, 10) and v.dtype == np.float32 and i.dtype == np.int64
+    np.testing.assert_array_equal(i, ri)
+    np.testing.assert_allclose(v, rv, atol=1e-6)
+
+
+@pytest.mark.parametrize("dc", [2, 3, 4, 7, 1000])
+def test_ties_ordered_by_index_and_lowest_kept(dc):
+    # 0/1 vectors: integer inner products, many exact ties, straddling the k-th place and chunk borders
+    rng = np.random.default_rng(1)
+    q = rng.integers(0, 2, (40, 6)).astype(np.float32)
+    d = rng.integers(0, 2, (50, 6)).astype(np.float32)
+    v, i = search.topk(q, d, 7, db_chunk=dc, query_chunk=9)
+    rv, ri = reference_topk(q, d, 7)
+    np.testing.assert_array_equal(i, ri)
+    np.testing.assert_array_equal(v, rv)
+
+
+def test_all_equal_scores_give_first_positions():
+    q = np.ones((2, 4), np.float32)
+    d = np.ones((10, 4), np.float32)
+    v, i = search.topk(q, d, 3, db_chunk=4)
+    assert i.tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert v.tolist() == [[4.0] * 3] * 2
+
+
+def test_block_topk_tie_rule_by_hand():
+    s = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.1, 0.5]])
+    v, i = search.block_topk(s, 3)
+    assert i.tolist() == [[1, 3, 0]] and v[0].tolist() == pytest.approx([0.9, 0.9, 0.5])
+    v, i = search.block_topk(s, 10)  # k beyond the block: everything, ordered
+    assert i.tolist() == [[1, 3, 0, 2, 5, 4]]
+
+
+def test_small_database_and_empty_queries():
+    rng = np.random.default_rng(2)
+    d = unit(rng.standard_normal((4, 8)))
+    v, i = search.topk(d, d, 100)
+    assert i.shape == (4, 4) and (i[:, 0] == np.arange(4)).all()
+    v, i = search.topk(np.zeros((0, 8), np.float32), d, 5)
+    assert v.shape == (0, 4)
+    with pytest.raises(ValueError):
+        search.topk(d, unit(rng.standard_normal((4, 9))), 2)
+
+
+def test_score_fn_is_exact_and_sees_positions():
+    rng = np.random.default_rng(3)
+    q, d = unit(rng.standard_normal((17, 8))), unit(rng.standard_normal((90, 8)))
+    bias = rng.standard_normal(90).astype(np.float32)
+    calls = []
+
+    def fn(block, rows, cols):
+        calls.append((rows.start, rows.stop, cols.start, cols.stop, tuple(block.shape)))
+        return block.clamp_(0, 1).sub_(torch.as_tensor(bias[cols]))
+
+    v, i = search.topk(q, d, 5, score_fn=fn, query_chunk=5, db_chunk=16)
+    rv, ri = reference_topk(q, d, 5, score=lambda s: np.clip(s, 0, 1) - bias[None, :])
+    np.testing.assert_array_equal(i, ri)
+    np.testing.assert_allclose(v, rv, atol=1e-6)
+    assert all(shape == (r1 - r0, c1 - c0) for r0, r1, c0, c1, shape in calls)
+
+
+def test_float16_path_exact_on_representable_data():
+    # small integer data: every product and sum is exact in float16, so the fp16 path (the GPU one) is exact
+    rng = np.random.default_rng(4)
+    q = rng.integers(0, 3, (12, 16)).astype(np.float32)
+    d = rng.integers(0, 3, (40, 16)).astype(np.float32)
+    v, i = search.topk(q, d, 6, dtype=torch.float16, db_chunk=8)
+    rv, ri = reference_topk(q, d, 6)
+    np.testing.assert_array_equal(i, ri)
+    np.testing.assert_array_equal(v, rv)
+
+
+def test_defaults_pick_cpu_float32_here():
+    dev = search.resolve_device(None if not torch.cuda.is_available() else "cpu")
+    assert dev.type == "cpu" and search.compute_dtype(dev) == torch.float32
+    assert search.compute_dtype(torch.device("cuda")) == torch.float16
+    qc, dc = search.chunk_sizes(10, 10**6, 100, torch.device("cpu"))
+    assert qc == 10 and dc * qc <= search.CPU_BLOCK_ELEMENTS * 2
+
+
+def test_same_results_as_faiss_flat_ip():
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(5)
+    q, d = unit(rng.standard_normal((200, 64))), unit(rng.standard_normal((5000, 64)))
+    index = faiss.IndexFlatIP(64)
+    index.add(d)
+    fv, fi = index.search(q, 50)
+    v, i = search.topk(q, d, 50)
+    np.testing.assert_allclose(v, fv, atol=1e-5)
+    same = i == fi
+    # positions that differ may only be float-rounding near-ties (equal scores to 1e-5)
+    exact = (torch.as_tensor(q, dtype=torch.float64) @ torch.as_tensor(d, dtype=torch.float64).T).numpy()
+    r, c = np.nonzero(~same)
+    assert np.all(np.abs(exact[r, i[r, c]] - exact[r, fi[r, c]]) < 1e-5)
+    assert same.mean() > 0.99
