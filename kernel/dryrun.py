@@ -32,7 +32,7 @@ def contact_sheet(predictions: dict, solution: dict, query_path, index_path, out
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    queries = [q for q in sorted(solution) if predictions.get(q)][:n_queries]
+    queries = [q for q in sorted(solution) if solution[q] and predictions.get(q)][:n_queries]
     pad, label_h = 8, 14
     w = pad + (top + 1) * (thumb + pad) + pad
     h = pad + 20 + max(1, len(queries)) * (thumb + label_h + pad)
@@ -69,7 +69,7 @@ def dry_run(out="dry-run", preset: str = "tiny", device=None, seed: int = 0, pro
     from kernel.models.demo import write_demo_weights
     from kernel.predict import predict
     from kernel.sample_competition import make_competition
-    from kernel.validate import score_files
+    from kernel.validate import validate
 
     t0 = time.monotonic()
     out = Path(out)
@@ -93,7 +93,7 @@ def dry_run(out="dry-run", preset: str = "tiny", device=None, seed: int = 0, pro
         sub = out / track / "submission.csv"
         report = predict(track, data, manifest, weights, sub, store=store, train_labels=comp.recognition / "train.csv",
                          work=out / track / "descriptors", device=device, progress=progress)
-        summary = score_files(track, sub, data / "solution.csv")
+        summary = validate(track, sub, data / "solution.csv")
         results[track] = {"submission": str(sub), "report": report.line(), "score": summary["score"],
                           "summary": summary}
         log.info("%s: %s", track, report.line())

@@ -110,12 +110,15 @@ def _usable(work: Path, names: list[str], track: str) -> list[str]:
     return [n for n in names if all(kstore.has_split(work, n, s) for s in need)]
 
 
-def _postprocess(track: str, work: Path, train_labels, names: list[str], device, rerank: str, params: dict):
+def _postprocess(track: str, work: Path, train_labels, names: list[str], device, rerank: str, params: dict,
+                 progress: bool):
     from kernel.postprocess import pipeline
 
     if track == "recognition":
-        return pipeline.recognition_from_store(work, train_labels, models=names, device=device, **params)
-    return pipeline.retrieval_from_store(work, train_labels, models=names, rerank=rerank, device=device, **params)
+        return pipeline.recognition_from_store(work, train_labels, models=names, device=device, progress=progress,
+                                               **params)
+    return pipeline.retrieval_from_store(work, train_labels, models=names, rerank=rerank, device=device,
+                                         progress=progress, **params)
 
 
 def _count_predicted(predictions: dict) -> int:
@@ -138,6 +141,7 @@ def predict(
     device=None,
     models=None,
     chunks: int = 4,
+    min_chunk: int = 256,
     probe_images: int | None = None,
     batch_size: int | None = None,
     workers: int | None = None,
@@ -249,8 +253,8 @@ def predict(
 
     # 4. test images in chunks, a better submission after each
     names = [e["name"] for e in kept]
-    bounds = sorted({n_probe, *[n_probe + math.ceil(remaining_test * (i + 1) / max(1, chunks))
-                                for i in range(max(1, chunks))]})
+    n_chunks = max(1, min(chunks, math.ceil(remaining_test / max(1, min_chunk))))
+    bounds = sorted({n_probe, *[n_probe + math.ceil(remaining_test * (i + 1) / n_chunks) for i in range(n_chunks)]})
     final_predictions = {}
     for end in bounds:
         if end > n_probe or end == len(test):
@@ -267,7 +271,7 @@ def predict(
             _decide(report, "no model has all of test + %s yet: keeping the fallback submission",
                     " + ".join(REFERENCE_SPLITS[track]))
             continue
-        predictions = _postprocess(track, work, train_labels, usable, device, rerank, params)
+        predictions = _postprocess(track, work, train_labels, usable, device, rerank, params, progress)
         write_submission(track, predictions, test_ids, out)
         report.submissions += 1
         report.models = usable
@@ -304,6 +308,7 @@ def add_arguments(p) -> None:
     p.add_argument("--models", default=None, help="comma-separated subset of the manifest's models")
     p.add_argument("--rerank", choices=["soft", "two-stage", "none"], default="soft", help="retrieval re-ranking")
     p.add_argument("--chunks", type=int, default=4, help="test extraction chunks, a better submission after each")
+    p.add_argument("--min-chunk", type=int, default=256, help="fewest test images in a chunk")
     p.add_argument("--probe-images", type=int, default=None, help="test images timed before planning")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: one per core)")
@@ -315,7 +320,7 @@ def run(args) -> int:
         args.track, args.data, args.manifest, args.weights, args.out, store=args.store,
         index_store=args.index_store, train_labels=args.train_labels, work=args.work, nonlandmark=args.nonlandmark,
         deadline_hours=args.deadline_hours, reserve_minutes=args.reserve_minutes, device=args.device,
-        models=args.models, chunks=args.chunks, probe_images=args.probe_images, batch_size=args.batch_size,
+        models=args.models, chunks=args.chunks, min_chunk=args.min_chunk, probe_images=args.probe_images, batch_size=args.batch_size,
         workers=args.workers, rerank=args.rerank, progress=not args.no_progress,
     )
     print(report.line())

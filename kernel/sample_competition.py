@@ -1,6 +1,7 @@
 """A small sample competition built from the thirteen real Google-Landmarks photos bundled in the package.
 
-Each photo is one landmark. Its *views* (random crop, flip, small rotation, colour and JPEG changes) are
+Photos of the same place share a landmark id (:data:`LANDMARK_GROUPS`, grouped by eye: the photos carry no
+GLDv2 labels); any other photo is a landmark of its own. Each photo's *views* (random crop, flip, small rotation, colour and JPEG changes) are
 spread over the splits: train views (labelled, ``train.csv``), index views (retrieval) and held-out test
 views. Procedurally generated non-landmark images (gradients, shapes, noise) act as distractors in test and
 index, and fill a non-landmark bank. One test file is deliberately broken (truncated JPEG) so a dry-run
@@ -25,6 +26,23 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data" / "gldv2"
+
+
+# photos (file stems) showing the same place, grouped by looking at them; the rest are a landmark each
+LANDMARK_GROUPS = {
+    "chinesischer_turm_munich": ["003adbc21d2b9e75", "0316a05ee7d820fd", "21fbedf21e08ba67", "23442a8bc0a5cf02",
+                                 "3508d01870adec28"],
+    "eiffel_tower": ["00dec359ff83bb9a", "01a46dbceaf02f12", "01dbdce476ecaa76"],
+    "alpine_hut_meadow": ["01d60cc1d2a34185", "0396419c3c2a6f62"],
+}
+
+
+def landmark_of(photos) -> dict:
+    """Photo path -> landmark id (1000, 1001, ...): one per group of :data:`LANDMARK_GROUPS`, one per other photo."""
+    group_of = {stem: g for g, stems in LANDMARK_GROUPS.items() for stem in stems}
+    keys = sorted({group_of.get(p.stem, p.stem) for p in photos})
+    ids = {k: 1000 + n for n, k in enumerate(keys)}
+    return {p: ids[group_of.get(p.stem, p.stem)] for p in photos}
 
 
 def sample_photos() -> list[Path]:
@@ -94,7 +112,7 @@ class SampleCompetition:
     recognition: Path
     retrieval: Path
     nonlandmark: Path
-    landmarks: dict = field(default_factory=dict)  # landmark_id -> source photo
+    landmarks: dict = field(default_factory=dict)  # landmark_id -> source photo names
     labels: dict = field(default_factory=dict)  # image id -> landmark_id (train, index, test; None = distractor)
     broken: list = field(default_factory=list)  # test ids whose file is unreadable
 
@@ -118,22 +136,23 @@ def make_competition(
     photos = list(photos) if photos is not None else sample_photos()
     train_rows, rec_solution, ret_queries = [], [], []
     test_imgs, index_ids_by_lm = [], {}
+    landmarks = landmark_of(photos)
     for n, photo_path in enumerate(photos):
-        lm = 1000 + n
-        comp.landmarks[lm] = photo_path.name
-        photo = Image.open(photo_path).convert("RGB")
+        lm = landmarks[photo_path]
+        comp.landmarks.setdefault(lm, []).append(photo_path.name)
+        photo = ImageOps.exif_transpose(Image.open(photo_path)).convert("RGB")
         for v in range(train_views):
-            i = _id(seed, "train", lm, v)
+            i = _id(seed, "train", n, v)
             _save(_view(photo, rng, max_side), _kaggle_path(comp.recognition, "train", i), rng)
             train_rows.append((i, lm))
             comp.labels[i] = lm
         for v in range(index_views):
-            i = _id(seed, "index", lm, v)
+            i = _id(seed, "index", n, v)
             _save(_view(photo, rng, max_side), _kaggle_path(comp.retrieval, "index", i), rng)
             index_ids_by_lm.setdefault(lm, []).append(i)
             comp.labels[i] = lm
         for v in range(test_views):
-            i = _id(seed, "test", lm, v)
+            i = _id(seed, "test", n, v)
             test_imgs.append((i, _view(photo, rng, max_side)))
             comp.labels[i] = lm
     for d in range(test_distractors):
@@ -161,8 +180,8 @@ def make_competition(
     for k, i in enumerate(test_ids):
         lm = comp.labels[i]
         rec_solution.append((i, "" if lm is None else str(lm), usage(k)))
-        if lm is not None:
-            ret_queries.append((i, " ".join(index_ids_by_lm[lm]), usage(k)))
+        # Kaggle's retrieval solutions list every test id; queries without a landmark are "Ignored"
+        ret_queries.append((i, "", "Ignored") if lm is None else (i, " ".join(index_ids_by_lm[lm]), usage(k)))
     _write_csv(comp.recognition / "train.csv", ["id", "landmark_id"], sorted(train_rows))
     _write_csv(comp.recognition / "sample_submission.csv", ["id", "landmarks"], [(i, "") for i in test_ids])
     _write_csv(comp.recognition / "solution.csv", ["id", "landmarks", "Usage"], rec_solution)
