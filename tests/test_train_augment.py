@@ -1,7 +1,7 @@
 """Corner-Cutmix geometry and labels, the dual-stream loss, Cutout, the 2021 pipeline."""
 import torch
 
-from kernel.train.augment import Cutout, eval_transform, train_transform
+from kernel.train.augment import Cutout, JpegQuality, eval_transform, train_transform
 from kernel.train.cutmix import corner_cutmix, dual_stream_loss, paste_corner
 
 
@@ -77,3 +77,12 @@ def test_pipelines_output_normalised_squares():
     gray = torch.full((3, 10, 10), 128, dtype=torch.uint8)
     # ImageNet normalisation on the 0-255 scale
     assert abs(float(eval_transform(10)(gray)[0, 0, 0]) - (128 - 123.675) / 58.395) < 1e-4
+
+
+def test_jpeg_quality_round_trip_is_near_lossless_at_99():
+    torch.manual_seed(0)
+    ramp = torch.linspace(0, 255, 24).expand(16, 24)
+    img = torch.stack([ramp, ramp.flip(1), torch.full((16, 24), 90.0)]).to(torch.uint8)  # smooth, photo-like
+    out = JpegQuality(99, 100)(img)
+    assert out.shape == img.shape and out.dtype == torch.uint8
+    assert (out.float() - img.float()).abs().mean() < 3

@@ -8,7 +8,8 @@ an exact counterpart, so no second image library enters the kernel's requirement
 original (albumentations)               here
 ======================================  ===================================================================
 HorizontalFlip(p=0.5)                   ``v2.RandomHorizontalFlip(0.5)``
-ImageCompression(quality 99-100)        ``v2.JPEG((99, 100))``
+ImageCompression(quality 99-100)        :class:`JpegQuality` (a Pillow JPEG round trip; torchvision's own
+                                        ``v2.JPEG`` sits on its deprecated image codecs)
 ShiftScaleRotate(0.2, 0.2, 10,          ``v2.RandomApply([v2.RandomAffine(10, translate=(0.2, 0.2),
 border 0, p=0.7)                        scale=(0.8, 1.2), fill=0)], p=0.7)``
 Resize(S, S)                            ``v2.Resize((S, S))``
@@ -19,7 +20,11 @@ Images are then cast to float on the 0-255 scale and normalised with ImageNet me
 """
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
@@ -51,6 +56,22 @@ class Cutout(nn.Module):
         return img
 
 
+class JpegQuality(nn.Module):
+    """Re-encode a uint8 (3, H, W) tensor as JPEG with a quality drawn uniformly from ``[low, high]``."""
+
+    def __init__(self, low: int = 99, high: int = 100):
+        super().__init__()
+        self.low, self.high = low, high
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        quality = int(torch.randint(self.low, self.high + 1, ()))
+        buf = io.BytesIO()
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        with Image.open(buf) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+
+
 def normalize() -> v2.Compose:
     """uint8 (3, H, W) -> float32 normalised with ImageNet mean/std on the 0-255 scale."""
     return v2.Compose([v2.ToDtype(torch.float32, scale=False), v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))])
@@ -60,7 +81,7 @@ def train_transform(size: int, cutout: float = 0.4) -> v2.Compose:
     """The 2021 training pipeline at ``size`` x ``size`` (SPEC §2)."""
     return v2.Compose([
         v2.RandomHorizontalFlip(p=0.5),
-        v2.JPEG((99, 100)),
+        JpegQuality(99, 100),
         v2.RandomApply([v2.RandomAffine(degrees=10, translate=(0.2, 0.2), scale=(0.8, 1.2), fill=0)], p=0.7),
         v2.Resize((size, size), antialias=True),
         Cutout(cutout, p=0.5),

@@ -279,6 +279,10 @@ def resolve_step(name: str, step: int, entries: list[dict] | None = None, overri
         if k not in KNOWN and k not in ("backbone_args", "embedder_args"):
             raise KernelError(f"override '{k}': not a step field (known: {', '.join(sorted(KNOWN))})")
         s[k] = v
+    if overrides:  # re-check the step with the overrides applied
+        check = copy.deepcopy(recipe)
+        check["steps"][step - 1] = {**steps[step - 1], **{k: v for k, v in overrides.items() if k in KNOWN}}
+        validate_recipe(f"{name} (with --set)", check)
     if "arch" in recipe:
         arch = dict(recipe["arch"])
     else:

@@ -1,0 +1,101 @@
+"""``python -m kernel.train fit`` end to end on tiny models: steps chain, checkpoints load into the kernel,
+--resume continues, the NaN guard stops a diverged run, bad input gives one clear error."""
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from kernel.errors import KernelError
+from kernel.models import build_model, load_manifest, load_weights
+from kernel.train import fit as fitmod
+from kernel.train.cli import main
+from kernel.train.fit import StepRun, lr_factor
+from kernel.train.recipes import resolve_step
+from kernel.train.smoke import make_views
+
+
+@pytest.fixture(scope="module")
+def views(tmp_path_factory):
+    d = tmp_path_factory.mktemp("views")
+    df = make_views(d, views=4, view_size=40, seed=1)
+    keep = sorted(df["landmark_id"].unique())[:10]
+    clean = df[df["landmark_id"].isin(keep)].groupby("landmark_id")["id"].apply(" ".join).reset_index()
+    clean.columns = ["landmark_id", "images"]
+    clean.to_csv(d / "train_clean.csv", index=False)
+    return d, df
+
+
+def _fit(data, out, manifest, step, *extra):
+    return main(["fit", "--recipe", "effnet_b6_512", "--step", str(step), "--data", str(data), "--images", str(data),
+                 "--out", str(out), "--manifest", str(manifest), "--workers", "0", "--val-fraction", "0.5",
+                 "--set", "image_size=32", "--set", "batch_size=8", "--set", "epochs=2", "--set", "stop_at=null",
+                 *extra])
+
+
+def test_fit_steps_chain_and_load_into_the_kernel(views, tiny_weights, tmp_path, capsys):
+    data, df = views
+    _, manifest = tiny_weights
+    out = tmp_path / "run"
+    assert _fit(data, out, manifest, 1) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["epoch"] == 2 and 0 <= res["map100"] <= 1 and 0 <= res["gap"] <= 1 and res["n_val"] == 26
+    s1 = out / "step1"
+    assert {"model.pth", "last.pth", "class_map.csv", "history.jsonl"} <= {p.name for p in s1.iterdir()}
+    assert len(pd.read_csv(s1 / "class_map.csv")) == 13
+    # step 2 (GLDv2x: the classes of train_clean.csv) starts from step 1's model.pth
+    assert _fit(data, out, manifest, 2) == 0
+    rec = torch.load(out / "step2" / "model.pth", map_location="cpu", weights_only=True)
+    assert len(rec["class_map"]) == 10 and rec["model"]["metric_classify.weight"].shape == (30, 512)
+    assert rec["recipe"] == "effnet_b6_512" and rec["step"] == 2 and rec["arch"]["image_size"] == 32
+    entry = next(e for e in load_manifest(manifest) if e["name"] == "effnet_b6_512")
+    model = load_weights(build_model(dict(entry, image_size=32)), out / "step2" / "model.pth").eval()
+    emb = model(torch.randn(2, 3, 32, 32))
+    assert emb.shape == (2, 512) and torch.allclose(emb.norm(dim=1), torch.ones(2))
+    # --resume continues after the last finished epoch
+    assert _fit(data, out, manifest, 2, "--resume", "--set", "epochs=3") == 0
+    hist = [json.loads(line) for line in (out / "step2" / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+
+
+def test_fit_errors_are_one_line(views, tiny_weights, tmp_path, capsys):
+    data, _ = views
+    _, manifest = tiny_weights
+    assert main(["fit", "--recipe", "nope", "--step", "1", "--data", str(data), "--out", str(tmp_path)]) == 2
+    assert "unknown recipe 'nope'" in capsys.readouterr().err
+    assert _fit(data, tmp_path / "fresh", manifest, 2) == 2  # step 2 before step 1
+    assert "train that step first or pass --init" in capsys.readouterr().err
+    assert main(["fit", "--recipe", "effnet_b6_512", "--step", "1", "--data", str(tmp_path / "missing"),
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "train.csv" in err and "Traceback" not in err
+    assert _fit(data, tmp_path / "r", manifest, 1, "--set", "batch_size=500") == 2
+    assert "no full batch" in capsys.readouterr().err
+
+
+def test_nan_guard_stops_a_diverged_run(views, tiny_weights, tmp_path, monkeypatch):
+    data, df = views
+    _, manifest = tiny_weights
+    step = resolve_step("effnet_b6_512", 1, load_manifest(manifest), {"image_size": 32, "batch_size": 8})
+    run = StepRun(step, df, df.iloc[:0], data, tmp_path / "nan", workers=0, progress=False, device="cpu")
+    monkeypatch.setattr(fitmod, "MAX_BAD_STEPS", 3)
+    run.loss_fn = lambda logits, y: logits.sum() * float("nan")
+    before = {k: v.clone() for k, v in run.net.state_dict().items()}
+    with pytest.raises(KernelError, match="3 consecutive non-finite losses"):
+        run.train_epoch(1)
+    after = run.net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith(("running_mean", "running_var",
+                                                                                 "num_batches_tracked")))
+
+
+def test_lr_schedule():
+    s = {"warmup_epochs": 1, "warmup_start": 0.1, "epochs": 10, "schedule": "cosine"}
+    assert lr_factor(0, s, 100) == pytest.approx(0.1)
+    assert lr_factor(50, s, 100) == pytest.approx(0.55)
+    assert lr_factor(100, s, 100) == pytest.approx(1.0)
+    assert lr_factor(550, s, 100) == pytest.approx(0.5)
+    assert lr_factor(1000, s, 100) == pytest.approx(0.0, abs=1e-12)
+    p = dict(s, warmup_epochs=0, schedule="poly")
+    assert lr_factor(0, p, 100) == 1.0 and lr_factor(500, p, 100) == pytest.approx(0.5 ** 0.9)
+    assert math.isfinite(lr_factor(10 ** 6, p, 100))
