@@ -204,18 +204,23 @@ def check_out(out: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ phase 2
 
-def copy_checked(src: Path, dst: Path, expected_sha: str, bar) -> str:
-    """Copy a file, hashing what was written; raises when the copy differs from the source."""
+def copy_hashed(src: Path, dst: Path, bar=None) -> str:
+    """Copy a file in chunks (progress on ``bar``); returns the sha256 of what was written."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         while block := fi.read(1 << 22):
             fo.write(block)
             h.update(block)
-            bar.update(len(block))
-    if h.hexdigest() != expected_sha:
-        raise KernelError(f"{src}: changed while it was copied (sha256 {h.hexdigest()[:16]}... != "
-                          f"{expected_sha[:16]}...)")
+            if bar is not None:
+                bar.update(len(block))
+    return h.hexdigest()
+
+
+def copy_checked(src: Path, dst: Path, expected_sha: str, bar) -> str:
+    """Copy a file; raises when the copy differs from the source as it was checked."""
+    if copy_hashed(src, dst, bar) != expected_sha:
+        raise KernelError(f"{src}: changed since it was checked (sha256 differs from {expected_sha[:16]}...)")
     return expected_sha
 
 
@@ -252,16 +257,17 @@ def ship_checkpoint(plan: ModelPlan, weights_out: Path, strip: bool, fp16: bool,
 
 
 def ship_store(items: list[tuple], kind: str, dataset: Path, shipped_sha: dict, source_sha: dict,
-               src_store: Path) -> list[dict]:
+               src_store: Path, progress: bool = True) -> list[dict]:
     """Copy store splits; ``meta.json`` names the shipped checkpoint (and the one that computed them)."""
     rows, metas = [], {}
-    for name, split, path, n, dim, meta in items:
-        dst = dataset / kind / name / path.name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dst)
-        metas[name] = meta
-        rows.append({"path": dst.relative_to(dataset).as_posix(), "model": name, "split": split, "rows": n,
-                     "dim": dim, "size": dst.stat().st_size})
+    total = sum(path.stat().st_size for _, _, path, *_ in items)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"shipping {kind}", disable=not progress) as bar:
+        for name, split, path, n, dim, meta in items:
+            dst = dataset / kind / name / path.name
+            copy_hashed(path, dst, bar)
+            metas[name] = meta
+            rows.append({"path": dst.relative_to(dataset).as_posix(), "model": name, "split": split, "rows": n,
+                         "dim": dim, "size": dst.stat().st_size})
     for name, meta in metas.items():
         new = dict(meta, sha256=shipped_sha[name])
         if shipped_sha[name] != source_sha[name]:
@@ -352,6 +358,13 @@ def build_bundle(
     for kind, folder in (("store", store), ("index-store", index_store)):
         if folder is not None:
             store_items[kind] = (Path(folder), check_store(Path(folder), kind, plans, warnings))
+    if "retrieval" in tracks:  # its competition folder has index/ and test/ only: train cannot be extracted there
+        have_train = {it[0] for it in store_items.get("store", (None, []))[1] if it[1] == "train"}
+        lacking = [p.entry["name"] for p in plans if "retrieval" in p.entry["tracks"] and p.entry["name"] not in have_train]
+        if lacking:
+            raise KernelError(f"retrieval track: no precomputed train descriptors of {', '.join(lacking)} in "
+                              f"--store {store or '(none given)'}; the retrieval competition has no train images to "
+                              "extract them from (python -m kernel extract --split train first)")
     if store is None:
         warnings.append("no --store: every train (and index) descriptor is extracted on Kaggle at run time, "
                         "which only fits the 12 h for a small train set")
@@ -386,7 +399,7 @@ def build_bundle(
                    {"models": [{**p.entry, "sha256": shipped_sha[p.entry["name"]]} for p in plans]})
         store_rows = []
         for kind, (src, items) in store_items.items():
-            store_rows += ship_store(items, kind, dataset, shipped_sha, source_sha, src)
+            store_rows += ship_store(items, kind, dataset, shipped_sha, source_sha, src, progress)
         if train_labels is not None:
             shutil.copyfile(train_labels, dataset / "train.csv")
         wheel_rows = []

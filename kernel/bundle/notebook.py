@@ -245,7 +245,9 @@ ROW = {"recognition": re.compile(r"^(\\d+ [-+0-9.eE]+)?$"), "retrieval": re.comp
 
 
 def check_submission():
-    test_ids = {p.stem for p in (COMPETITION / "test").rglob("*.jpg")}
+    images = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+    test_ids = {p.stem for p in (COMPETITION / "test").rglob("*")
+                if p.suffix.lower() in images and not p.name.startswith(".")}
     sample = COMPETITION / "sample_submission.csv"
     if sample.is_file():
         with open(sample, newline="") as fh:

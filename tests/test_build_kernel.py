@@ -1,0 +1,383 @@
+"""build_kernel.py: from demo checkpoints to a Kaggle dataset + notebook, and the notebook run offline.
+
+The main test builds from the tiny demo preset, then executes the generated notebook's cells in a subprocess
+against a fake ``/kaggle`` tree (``KAGGLE_ROOT``) holding a generated competition, with the network unavailable
+(``unshare --net`` when permitted, otherwise unroutable proxies + ``PIP_NO_INDEX``), and with an image whose
+timm is "too old" so the offline wheel install really runs. The kernel package is imported from the dataset's
+copy, never from the repository.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernel.bundle import convert, notebook
+from kernel.bundle.build import build_bundle
+from kernel.errors import KernelError
+
+ROOT = Path(__file__).resolve().parents[1]
+SLUG = "glr-test-bundle"
+# one model per family, the fastest of the tiny preset; all three serve both tracks
+MODELS = ["dolg_effnet_b7_448_s1", "hybrid_b6_swin384_384", "effnet_b6_512"]
+RUNNER = """
+import json, sys
+cells = json.load(open(sys.argv[1]))
+namespace = {"__name__": "__main__"}
+for i, source in enumerate(cells):
+    print(f"---- cell {i}", flush=True)
+    exec(compile(source, f"<cell {i}>", "exec"), namespace)
+"""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def offline_prefix() -> tuple[list[str], dict, str]:
+    """How to take the network away from a subprocess: a fresh network namespace, or dead proxies."""
+    unshare = shutil.which("unshare")
+    if unshare and subprocess.run([unshare, "--net", "true"], capture_output=True).returncode == 0:
+        return [unshare, "--net"], {}, "unshare --net (no network interface but loopback)"
+    dead = "http://10.255.255.1:9"
+    env = {"HTTP_PROXY": dead, "HTTPS_PROXY": dead, "ALL_PROXY": dead, "http_proxy": dead, "https_proxy": dead,
+           "NO_PROXY": "", "PIP_NO_INDEX": "1"}
+    return [], env, "unroutable proxies + PIP_NO_INDEX=1 (unshare not permitted)"
+
+
+def run_notebook(code_cells: list[str], kaggle_root: Path, tmp: Path, extra_env=None, timeout=300):
+    """Execute the cells in order, in one namespace, in a subprocess without network; returns the result."""
+    cells_file = tmp / "cells.json"
+    cells_file.write_text(json.dumps(code_cells))
+    runner = tmp / "run_cells.py"
+    runner.write_text(RUNNER)
+    prefix, net_env, how = offline_prefix()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KERNEL_DEVICE")}
+    env.update(net_env, KAGGLE_ROOT=str(kaggle_root), **(extra_env or {}))
+    res = subprocess.run(prefix + [sys.executable, str(runner), str(cells_file)], cwd=tmp, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    res.offline = how
+    return res
+
+
+def fake_kaggle(root: Path, dataset: Path, competitions: dict) -> Path:
+    """``root/input/<slug>`` (the dataset), ``root/input/<competition>``, an empty ``root/working``."""
+    shutil.copytree(dataset, root / "input" / SLUG)
+    for name, folder in competitions.items():
+        shutil.copytree(folder, root / "input" / name)
+    (root / "working").mkdir(parents=True)
+    return root
+
+
+def old_timm_site(tmp: Path) -> Path:
+    """A site folder whose only content says 'timm 0.0.1 is installed': the image lacks the pinned timm."""
+    site = tmp / "old-image-site"
+    (site / "timm-0.0.1.dist-info").mkdir(parents=True)
+    (site / "timm-0.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: timm\nVersion: 0.0.1\n")
+    return site
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="") as fh:
+        return list(csv.reader(fh))
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def timm_wheel():
+    """The pinned timm wheel (cache, else pip download into the cache); skip only if none can be had."""
+    from kernel.bundle import wheels
+
+    try:
+        return wheels.resolve(wheels.default_requirements())[0]
+    except KernelError as exc:
+        pytest.skip(f"no timm wheel obtainable here: {exc}")
+
+
+@pytest.fixture(scope="module")
+def competition(tmp_path_factory):
+    from kernel.sample_competition import make_competition
+
+    return make_competition(tmp_path_factory.mktemp("competition"), train_views=2, test_views=1, index_views=1,
+                            test_distractors=2, index_distractors=2, bank_size=4, max_side=160)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_weights, competition):
+    """Precomputed with the original checkpoints: train for all three models, index for two (the third
+    model's index descriptors are extracted by the retrieval notebook's run)."""
+    from kernel.data.sources import kaggle_split
+    from kernel.extract import extract
+    from kernel.models import load_manifest, select
+
+    weights, manifest = tiny_weights
+    entries = select(load_manifest(manifest), MODELS)
+    out = tmp_path_factory.mktemp("store")
+    kw = dict(device="cpu", progress=False, workers=0)
+    extract(entries, weights, kaggle_split(competition.recognition, "train"), "train", out, **kw)
+    extract(entries[:2], weights, kaggle_split(competition.retrieval, "index"), "index", out, **kw)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_weights, timm_wheel, competition, store):
+    weights, manifest = tiny_weights
+    out = tmp_path_factory.mktemp("bundle") / "build"
+    report = build_bundle(weights, out, "tester", manifest=manifest, slug=SLUG, track="both", models=MODELS,
+                          store=store, train_labels=competition.recognition / "train.csv", fp16=True,
+                          predict_args=["--chunks", "1", "--workers", "0"], progress=False)
+    return out, report
+
+
+# ------------------------------------------------------------------------------------------ the build
+
+def test_dataset_layout_and_metadata(built, store):
+    out, report = built
+    dataset = out / "dataset"
+    meta = json.loads((dataset / "dataset-metadata.json").read_text())
+    assert meta["id"] == f"tester/{SLUG}" and meta["licenses"][0]["name"] and 6 <= len(meta["title"]) <= 50
+    assert (dataset / "kernel" / "predict.py").is_file() and not list(dataset.rglob("__pycache__"))
+    assert (dataset / "wheels" / "requirements.txt").read_text().startswith("timm==")
+    assert (dataset / "train.csv").is_file()
+    manifest = json.loads((dataset / "weights_manifest.json").read_text())["models"]
+    assert [e["name"] for e in manifest] == MODELS
+    build = json.loads((dataset / "BUILD.json").read_text())
+    for e in manifest:  # every sha256 filled in, and right
+        assert build["files"][f"weights/{e['checkpoint']}"]["sha256"] == e["sha256"]
+        sd = torch.load(dataset / "weights" / e["checkpoint"], weights_only=True)["model"]
+        assert not [k for k in sd if k.startswith(("head.", "metric_classify."))]
+        assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
+    for row in report["checkpoints"]:
+        assert row["check"] == "cosine>=0.999" and row["min_cosine"] >= 0.999 and row["size"] < row["source_size"]
+    # shipped store metas name the shipped (converted) checkpoint and the one that computed them
+    for e in manifest:
+        m = json.loads((dataset / "store" / e["name"] / "meta.json").read_text())
+        src = json.loads((store / e["name"] / "meta.json").read_text())
+        assert m["sha256"] == e["sha256"] and m["computed_with_sha256"] == src["sha256"] != e["sha256"]
+    assert sorted((r["model"], r["split"]) for r in report["stores"]) == sorted(
+        [(m, "train") for m in MODELS] + [(m, "index") for m in MODELS[:2]])
+    assert (dataset / "store" / MODELS[0] / "index.npz").is_file()
+    assert not (dataset / "store" / MODELS[2] / "index.npz").exists()
+    # notebooks: one per competition, GPU on, internet off, both sources
+    for track, comp in notebook.COMPETITIONS.items():
+        km = json.loads((out / "notebook" / track / "kernel-metadata.json").read_text())
+        assert km["enable_gpu"] is True and km["enable_internet"] is False and km["kernel_type"] == "notebook"
+        assert km["dataset_sources"] == [f"tester/{SLUG}"] and km["competition_sources"] == [comp]
+        nb = (out / "notebook" / track / km["code_file"]).read_text()
+        cells = notebook.code_cells_of(nb)
+        assert not any(line.lstrip().startswith(("!", "%")) for c in cells for line in c.splitlines())
+    text = (out / "report.txt").read_text()
+    assert "timm-" in text and "kaggle datasets create" in text and "weights/effnet_b6_512.pth" in text
+    assert report["total_size"] == sum(v["size"] for v in report["files"].values())
+    assert not list(out.parent.glob(".build.*"))  # no staging folder left
+
+
+def test_notebook_runs_offline_and_writes_the_submission(built, competition, tmp_path):
+    out, report = built
+    root = fake_kaggle(tmp_path / "kaggle", out / "dataset",
+                       {"landmark-recognition-2021": competition.recognition})
+    cells = notebook.code_cells_of((out / "notebook" / "recognition" / f"{SLUG}-recognition.ipynb").read_text())
+    res = run_notebook(cells, root, tmp_path, extra_env={"PYTHONPATH": str(old_timm_site(tmp_path))})
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, f"notebook failed ({res.offline}):\n{log[-6000:]}"
+    # offline install from the dataset's wheel, and the package from the dataset, not the repository
+    assert "timm: image has 0.0.1, installing" in log
+    assert f"timm_file: {root / 'working' / 'pylib' / 'timm'}" in log
+    assert f"kernel: {root / 'input' / SLUG / 'kernel' / '__init__.py'}" in log
+    rows = read_csv(root / "working" / "submission.csv")
+    assert rows[0] == ["id", "landmarks"]
+    test_ids = {r[0] for r in read_csv(competition.recognition / "sample_submission.csv")[1:]}
+    assert {r[0] for r in rows[1:]} == test_ids and len(rows) - 1 == len(test_ids)
+    predicted = {r[0]: r[1].split() for r in rows[1:] if r[1]}
+    assert len(predicted) >= len(test_ids) - len(competition.broken) - 1
+    for image_id in competition.broken:
+        assert image_id not in predicted
+    assert all(int(p[0]) in competition.landmarks and float(p[1]) == float(p[1]) for p in predicted.values())
+
+
+def test_retrieval_notebook_runs_offline(built, competition, tmp_path):
+    out, _ = built
+    root = fake_kaggle(tmp_path / "kaggle", out / "dataset", {"landmark-retrieval-2021": competition.retrieval})
+    cells = notebook.code_cells_of((out / "notebook" / "retrieval" / f"{SLUG}-retrieval.ipynb").read_text())
+    res = run_notebook(cells, root, tmp_path)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, f"notebook failed ({res.offline}):\n{log[-6000:]}"
+    assert "timm 1.0.31: already installed" in log  # the image has the pinned version: nothing installed
+    rows = read_csv(root / "working" / "submission.csv")
+    assert rows[0] == ["id", "images"]
+    index_ids = {p.stem for p in (competition.retrieval / "index").rglob("*.jpg")}
+    assert {r[0] for r in rows[1:]} == {r[0] for r in read_csv(competition.retrieval / "sample_submission.csv")[1:]}
+    answered = [r[1].split() for r in rows[1:] if r[1]]
+    assert answered and all(set(a) <= index_ids and len(a) <= 100 for a in answered)
+
+
+@pytest.mark.parametrize("victim", ["weights/effnet_b6_512.pth", "kernel/predict.py"])
+def test_notebook_refuses_a_tampered_dataset(built, competition, tmp_path, victim):
+    out, _ = built
+    root = fake_kaggle(tmp_path / "kaggle", out / "dataset",
+                       {"landmark-recognition-2021": competition.recognition})
+    path = root / "input" / SLUG / victim
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed
+    path.write_bytes(bytes(data))
+    cells = notebook.code_cells_of((out / "notebook" / "recognition" / f"{SLUG}-recognition.ipynb").read_text())
+    res = run_notebook(cells, root, tmp_path)
+    assert res.returncode != 0
+    assert "error: the dataset is not the one this notebook was built with" in res.stderr
+    assert str(path) in res.stderr and "Traceback" not in res.stderr
+    assert not (root / "working" / "submission.csv").exists()
+
+
+def test_notebook_refuses_a_dataset_of_another_build(built, competition, tmp_path):
+    out, _ = built
+    root = fake_kaggle(tmp_path / "kaggle", out / "dataset",
+                       {"landmark-recognition-2021": competition.recognition})
+    build_json = root / "input" / SLUG / "BUILD.json"
+    build_json.write_text(build_json.read_text().replace(_build_id(out), "000000000000"))
+    cells = notebook.code_cells_of((out / "notebook" / "recognition" / f"{SLUG}-recognition.ipynb").read_text())
+    res = run_notebook(cells, root, tmp_path)
+    assert res.returncode != 0 and "is another build" in res.stderr
+
+
+def _build_id(out: Path) -> str:
+    return json.loads((out / "dataset" / "BUILD.json").read_text())["build_id"]
+
+
+# ------------------------------------------------------------------------------------------ conversions
+
+def test_strip_only_keeps_descriptors_identical_and_no_conversion_copies_bytes(tiny_weights, timm_wheel, tmp_path):
+    from kernel.models import load_manifest, load_model
+
+    weights, manifest = tiny_weights
+    report = build_bundle(weights, tmp_path / "strip", "tester", manifest=manifest, models="hybrid_b6_swin384_384",
+                          progress=False)
+    row = report["checkpoints"][0]
+    assert row["check"] == "exact" and row["max_abs_diff"] == 0.0 and row["stripped_keys"] == ["head.weight"]
+    entry = json.loads((tmp_path / "strip" / "dataset" / "weights_manifest.json").read_text())["models"][0]
+    load_model(entry, tmp_path / "strip" / "dataset" / "weights")  # strict load, sha256 checked
+    report = build_bundle(weights, tmp_path / "asis", "tester", manifest=manifest, models="hybrid_b6_swin384_384",
+                          strip_heads=False, progress=False)
+    src = next(e for e in load_manifest(manifest) if e["name"] == "hybrid_b6_swin384_384")
+    assert report["checkpoints"][0]["sha256"] == src["sha256"]
+    assert report["checkpoints"][0]["conversion"] == "copied unchanged"
+
+
+def test_conversion_check_rejects_moved_descriptors():
+    ref = torch.nn.functional.normalize(torch.randn(4, 512), dim=1)
+    fp16 = convert.Conversion(fp16_tensors=3)
+    convert.compare("m", ref, ref + 1e-4, fp16, 0.999)  # tiny change: accepted
+    with pytest.raises(convert.ConversionError, match="model 'm'.*cosine"):
+        convert.compare("m", ref, torch.nn.functional.normalize(torch.randn(4, 512), dim=1),
+                        convert.Conversion(fp16_tensors=3), 0.999)
+    with pytest.raises(convert.ConversionError, match="stripping the training head changed"):
+        convert.compare("m", ref, ref + 1e-7, convert.Conversion(stripped_keys=["head.weight"]), 0.999)
+
+
+def test_headless_build_is_a_script_kernel_and_replaces_an_earlier_build(tiny_weights, timm_wheel, tmp_path):
+    weights, manifest = tiny_weights
+    out = tmp_path / "build"
+    build_bundle(weights, out, "tester", manifest=manifest, models="effnet_b6_512", progress=False)
+    assert (out / "notebook" / "glr2021-kernel-recognition.ipynb").is_file()
+    build_bundle(weights, out, "tester", manifest=manifest, models="effnet_b6_512", headless=True, progress=False)
+    km = json.loads((out / "notebook" / "kernel-metadata.json").read_text())
+    assert km["kernel_type"] == "script" and km["code_file"] == "glr2021-kernel-recognition.py"
+    assert not (out / "notebook" / "glr2021-kernel-recognition.ipynb").exists()
+    script = (out / "notebook" / km["code_file"]).read_text()
+    compile(script, km["code_file"], "exec")
+    assert "verify_dataset()" in script and "install_wheels()" in script and "check_submission()" in script
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+@pytest.fixture
+def weights_copy(tiny_weights, tmp_path):
+    """A private copy of two tiny checkpoints and their manifest, to break."""
+    weights, manifest = tiny_weights
+    out = tmp_path / "weights"
+    out.mkdir()
+    data = json.loads(manifest.read_text())
+    data["models"] = [e for e in data["models"] if e["name"] in ("effnet_b6_512", "dolg_effnet_b7_448_s1")]
+    for e in data["models"]:
+        shutil.copyfile(weights / e["checkpoint"], out / e["checkpoint"])
+    (out / "weights_manifest.json").write_text(json.dumps(data))
+    return out, data
+
+
+def _edit(folder: Path, data: dict, name: str, **fields) -> None:
+    for e in data["models"]:
+        if e["name"] == name:
+            e.update(fields)
+    (folder / "weights_manifest.json").write_text(json.dumps(data))
+
+
+def _expect_failure(weights, tmp_path, match, **kw):
+    out = tmp_path / "out" / "build"
+    with pytest.raises(KernelError, match=match):
+        build_bundle(weights, out, "tester", progress=False, **kw)
+    assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
+
+
+def test_unknown_model_name(weights_copy, tmp_path):
+    _expect_failure(weights_copy[0], tmp_path, "unknown model 'nope'", models="effnet_b6_512,nope")
+
+
+def test_hash_mismatch(weights_copy, tmp_path):
+    folder, data = weights_copy
+    _edit(folder, data, "effnet_b6_512", sha256="0" * 64)
+    _expect_failure(folder, tmp_path, r"model 'effnet_b6_512': .*effnet_b6_512.pth has sha256 .* the manifest pins")
+
+
+def test_missing_checkpoint(weights_copy, tmp_path):
+    folder, data = weights_copy
+    (folder / "dolg_effnet_b7_448_s1.pth").unlink()
+    _expect_failure(folder, tmp_path, r"model 'dolg_effnet_b7_448_s1': checkpoint .* not found")
+
+
+def test_checkpoint_that_does_not_fit_its_entry(weights_copy, tmp_path):
+    folder, data = weights_copy
+    _edit(folder, data, "effnet_b6_512", checkpoint="dolg_effnet_b7_448_s1.pth", sha256=None)
+    _expect_failure(folder, tmp_path, r"model 'effnet_b6_512': .*dolg_effnet_b7_448_s1.pth does not fit")
+
+
+def test_store_of_another_checkpoint(weights_copy, tmp_path):
+    from kernel import store as kstore
+
+    folder, data = weights_copy
+    s = tmp_path / "store"
+    kstore.save_split(s, "effnet_b6_512", "train", ["a", "b"], torch.eye(2, 512).numpy())
+    kstore.write_meta(s, "effnet_b6_512", {"name": "effnet_b6_512", "family": "effnet", "sha256": "f" * 64})
+    _expect_failure(folder, tmp_path, r"meta.json: descriptors of 'effnet_b6_512' were computed with checkpoint",
+                    store=s)
+
+
+def test_retrieval_needs_train_labels_and_train_descriptors(weights_copy, tmp_path):
+    folder, _ = weights_copy
+    _expect_failure(folder, tmp_path, "pass --train-labels", track="retrieval")
+    labels = tmp_path / "train.csv"
+    labels.write_text("id,landmark_id\nabc,1\n")
+    _expect_failure(folder, tmp_path, "no precomputed train descriptors", track="retrieval", train_labels=labels)
+
+
+def test_out_that_is_not_a_build_is_refused(weights_copy, tmp_path):
+    out = tmp_path / "somewhere"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(KernelError, match="not an earlier build"):
+        build_bundle(weights_copy[0], out, "tester", progress=False)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_cli_names_the_problem_without_a_traceback(weights_copy, tmp_path):
+    out = tmp_path / "cli-out"
+    res = subprocess.run([sys.executable, str(ROOT / "build_kernel.py"), "--weights", str(weights_copy[0]),
+                          "--out", str(out), "--user", "tester", "--models", "nope", "--no-progress"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: unknown model 'nope'")
+    assert "Traceback" not in res.stderr and not out.exists()
