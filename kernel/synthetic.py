@@ -53,7 +53,7 @@ class SyntheticConfig:
     """Sizes and noise levels of the synthetic world (defaults: a few thousand images, seconds on a CPU)."""
 
     seed: int = 0
-    latent_dim: int = 32
+    latent_dim: int = 64
     dim: int = 512  # descriptor width of every model
     n_groups: int = 12
     n_landmarks: int = 300
