@@ -245,6 +245,19 @@ def test_notebook_refuses_a_dataset_of_another_build(built, competition, tmp_pat
     assert res.returncode != 0 and "is another build" in res.stderr
 
 
+def test_notebook_finds_the_dataset_mounted_elsewhere(built, competition, tmp_path):
+    out, _ = built
+    root = tmp_path / "kaggle"
+    shutil.copytree(out / "dataset", root / "input" / "datasets" / "tester" / SLUG)
+    shutil.copytree(competition.recognition, root / "input" / "landmark-recognition-2021")
+    (root / "working").mkdir()
+    cells = notebook.code_cells_of((out / "notebook" / "recognition" / f"{SLUG}-recognition.ipynb").read_text())
+    res = run_notebook(cells[:3], root, tmp_path)  # configure, find, verify
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"dataset: {root / 'input' / 'datasets' / 'tester' / SLUG} (build {_build_id(out)})" in res.stdout
+    assert "verified 3 checkpoints" in res.stdout
+
+
 def _build_id(out: Path) -> str:
     return json.loads((out / "dataset" / "BUILD.json").read_text())["build_id"]
 

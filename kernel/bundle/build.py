@@ -339,6 +339,7 @@ def build_bundle(
         raise KernelError(f"--deadline-hours must be in (0, 12] (Kaggle's limit; got {deadline_hours})")
     if not weights.is_dir():
         raise KernelError(f"--weights {weights}: folder not found")
+    check_out(out)
     warnings: list[str] = []
 
     # ---- phase 1: validate, write nothing
@@ -373,7 +374,6 @@ def build_bundle(
         warnings.append("no precomputed index descriptors: the retrieval notebook extracts all index images at "
                         "run time")
     wheels = kwheels.resolve(wheel_requirements or kwheels.default_requirements(), wheel_dirs, allow_download)
-    check_out(out)
 
     # ---- phase 2: stage
     out.parent.mkdir(parents=True, exist_ok=True)

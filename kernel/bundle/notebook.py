@@ -58,11 +58,18 @@ FIND_DATASET = '''\
 import json
 
 
+def dataset_candidates():
+    yield INPUT / DATASET_SLUG
+    for depth in ("*", "*/*", "*/*/*"):  # searched only when the usual place does not hold this build
+        yield from sorted(p.parent for p in INPUT.glob(depth + "/BUILD.json"))
+
+
 def find_dataset():
-    candidates = [INPUT / DATASET_SLUG] + sorted(p.parent for d in ("*", "*/*", "*/*/*")
-                                                 for p in INPUT.glob(d + "/BUILD.json"))
-    builds = []
-    for folder in candidates:
+    builds, seen = [], set()
+    for folder in dataset_candidates():
+        if folder in seen:
+            continue
+        seen.add(folder)
         try:
             info = json.loads((folder / "BUILD.json").read_text())
         except (OSError, ValueError):
