@@ -119,6 +119,14 @@ class ModelSplits:
         return store.split_path(self.store, self.name, split)
 
 
+def require_splits(splits: list[ModelSplits], names: tuple[str, ...]) -> None:
+    """Fail before any work when a model lacks a split the track needs."""
+    for ms in splits:
+        for split in names:
+            if not ms.has(split):
+                raise KernelError(f"{ms.path(split)}: missing split '{split}' for model '{ms.name}'")
+
+
 def store_test_ids(store_dir, metas: list[dict]) -> list[str]:
     """Sorted union of the models' test ids and the ids of ``STORE/failures/test.csv``."""
     ids: set[str] = set(store.read_failures(store_dir, "test"))
@@ -188,6 +196,7 @@ def retrieval_from_store(
     labels = read_train_labels(train_labels) if rerank != "none" else None
     test_ids = store_test_ids(store_dir, metas)
     splits = [ModelSplits(store_dir, m) for m in metas]
+    require_splits(splits, ("test", "index") if rerank == "none" else ("test", "index", "train"))
     logger.info(
         "retrieval (%s re-ranking) with %d model(s) on %s: %d test ids",
         rerank, len(metas), dev, len(test_ids),
@@ -311,6 +320,7 @@ def recognition_from_store(
         families.setdefault(str(meta["family"]), []).append(ModelSplits(store_dir, meta))
     order = _family_order(families)
     groups = [families[f] for f in order]
+    require_splits([ms for g in groups for ms in g], ("test", "train"))
     logger.info(
         "recognition with %d model(s) in %d famil%s (%s) on %s: %d test ids",
         len(metas), len(order), "y" if len(order) == 1 else "ies",
