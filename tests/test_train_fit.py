@@ -99,3 +99,38 @@ def test_lr_schedule():
     p = dict(s, warmup_epochs=0, schedule="poly")
     assert lr_factor(0, p, 100) == 1.0 and lr_factor(500, p, 100) == pytest.approx(0.5 ** 0.9)
     assert math.isfinite(lr_factor(10 ** 6, p, 100))
+
+
+def test_hybrid_chain_swin_step_then_frozen_embedding_step(views, tiny_weights, tmp_path):
+    data, _ = views
+    _, manifest = tiny_weights
+    out = tmp_path / "hyb"
+    args = ["fit", "--recipe", "hybrid_b6_swin384_384", "--data", str(data), "--images", str(data), "--out", str(out),
+            "--manifest", str(manifest), "--workers", "0", "--val-fraction", "0.5", "--set", "image_size=64",
+            "--set", "batch_size=8", "--set", "data=\"gldv2\""]
+    assert main(args + ["--step", "1", "--set", "epochs=1"]) == 0
+    assert main(args + ["--step", "2"]) == 0
+    s1 = torch.load(out / "step1" / "model.pth", weights_only=True)
+    s2 = torch.load(out / "step2" / "model.pth", weights_only=True)
+    assert s1["arch"]["family"] == "swin" and s2["arch"]["family"] == "hybrid"
+    swin_params = [k for k in s1["model"] if k.startswith("backbone.layers.") and k.endswith(("weight", "bias"))]
+    assert swin_params and all(torch.equal(s1["model"][k], s2["model"][k]) for k in swin_params)  # frozen
+    assert torch.equal(s1["model"]["head.weight"], s2["model"]["head.weight"])
+    fresh = build_model(dict(next(e for e in load_manifest(manifest) if e["name"] == "hybrid_b6_swin384_384")))
+    init = fresh.state_dict()["backbone.patch_embed.proj.weight"]
+    assert not torch.equal(s2["model"]["backbone.patch_embed.proj.weight"], init)  # the embedding trained
+    load_weights(fresh, out / "step2" / "model.pth")
+
+
+def test_retrieval2020_softmax_and_cutmix_steps(views, tmp_path):
+    data, df = views
+    for k in (1, 2):
+        step = resolve_step("retrieval2020_resnet152", k, None,
+                            {"image_size": 32, "batch_size": 8, "epochs": 1, "init": "imagenet"})
+        step["arch"]["backbone"] = "test_resnet"
+        run = StepRun(step, df, df.iloc[::4], data, tmp_path / f"r{k}", workers=0, progress=False, device="cpu")
+        hist = run.run()
+        assert math.isfinite(hist[-1]["train_loss"]) and hist[-1]["skipped_steps"] == 0
+        rec = torch.load(tmp_path / f"r{k}" / "model.pth", weights_only=True)
+        head = {kk for kk in rec["model"] if kk.startswith("head.")}
+        assert head == ({"head.weight", "head.bias"} if k == 1 else {"head.weight"})

@@ -220,7 +220,7 @@ class StepRun:
         elif state is None and init_path:
             self._init_from(init_path, {"pop": []})
         n_train = freeze(self.net, step["train_only"])
-        log.info("%s step %d: %s, %d classes, %d train / %d val images, %.2fM trainable parameters",
+        (log.info if self.env.main else log.debug)("%s step %d: %s, %d classes, %d train / %d val images, %.2fM trainable parameters",
                  step["recipe"], step["step"], arch["family"], len(self.class_map), len(self.train_ds),
                  len(val_df), n_train / 1e6)
         self.net.to(self.env.device)
