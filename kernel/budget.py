@@ -96,19 +96,23 @@ def plan_models(
     while total > budget_s and len(kept) > min_models:
         victim = kept.pop()
         decisions.append(
-            f"drop {victim} (priority {priority[victim]}): projected {total / 3600:.2f} h > budget "
-            f"{budget_s / 3600:.2f} h; it needs {costs[victim] / 3600:.2f} h"
+            f"drop {victim} (priority {priority[victim]}): projected {fmt_duration(total)} > budget "
+            f"{fmt_duration(budget_s)}; it needs {fmt_duration(costs[victim])}"
         )
         total -= costs[victim]
     if total > budget_s:
-        decisions.append(f"even {kept} projects to {total / 3600:.2f} h > {budget_s / 3600:.2f} h: kept anyway, "
-                         "the run will stop at the deadline with whatever is done")
+        decisions.append(f"even {', '.join(kept)} projects to {fmt_duration(total)} > {fmt_duration(budget_s)}: "
+                         "kept anyway, the run stops at the deadline with whatever is done")
     dropped = [n for n in order if n not in kept]
     return Plan(kept, dropped, total, budget_s, decisions)
 
 
-def fmt_hours(seconds: float) -> str:
+def fmt_duration(seconds: float) -> str:
+    """Seconds for short spans, minutes for medium ones, hours for long ones."""
     if not math.isfinite(seconds):
         return "inf"
-    h, rem = divmod(int(round(seconds)), 3600)
-    return f"{h}h{rem // 60:02d}m"
+    if abs(seconds) < 120:
+        return f"{seconds:.1f} s"
+    if abs(seconds) < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"

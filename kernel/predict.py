@@ -212,11 +212,19 @@ def predict(
 
     common = dict(device=device, batch_size=batch_size, workers=workers, progress=progress)
     # 3. probe: the first test images with every model, to measure this machine
-    n_probe = min(len(test), probe_images or max(2 * (batch_size or 8), 16))
+    # a resumed run probes images it has not done yet, so it measures something
+    from kernel.extract import _stored_ids
+
+    done = set.intersection(*[_stored_ids(work, e["name"], "test") for e in entries])
+    todo = [r for r in test if r.id not in done]
+    test = [r for r in test if r.id in done] + todo  # extraction order: finished ones first
+    n_probe = min(len(test), len(done) + min(len(todo), probe_images or max(2 * (batch_size or 8), 16)))
+    if done:
+        _decide(report, "resuming: %d test images already have descriptors from every model", len(done))
     # (no deadline: the plan needs at least these numbers, and a probe is a few batches)
     probe = extract(entries, weights, test[:n_probe], "test", work, **common)
     report.failures.update(probe.failures)
-    done_imgs = max(1, n_probe)
+    done_imgs = max(1, n_probe - len(done))
     per_image = {}
     for e in entries:
         n = e["name"]
