@@ -174,6 +174,30 @@ def check_store(store: Path, kind: str, plans: list[ModelPlan], warnings: list[s
     return shipped
 
 
+def check_stores(store, index_store, tracks: list[str], plans: list[ModelPlan], warnings: list[str]) -> dict:
+    """``{"store"|"index-store": (folder, items)}`` for the stores given; the retrieval track needs every
+    model's train descriptors precomputed (its competition folder has index/ and test/ only)."""
+    items = {}
+    for kind, folder in (("store", store), ("index-store", index_store)):
+        if folder is not None:
+            items[kind] = (Path(folder), check_store(Path(folder), kind, plans, warnings))
+    stored = {(it[0], it[1]) for it in items.get("store", (None, []))[1]}
+    if "retrieval" in tracks:
+        lacking = [p.entry["name"] for p in plans
+                   if "retrieval" in p.entry["tracks"] and (p.entry["name"], "train") not in stored]
+        if lacking:
+            raise KernelError(f"retrieval track: no precomputed train descriptors of {', '.join(lacking)} in "
+                              f"--store {store or '(none given)'}; the retrieval competition has no train images to "
+                              "extract them from (python -m kernel extract --split train first)")
+        if index_store is None and not any(split == "index" for _, split in stored):
+            warnings.append("no precomputed index descriptors: the retrieval notebook extracts all index images "
+                            "at run time")
+    if store is None:
+        warnings.append("no --store: every train descriptor is extracted on Kaggle at run time, which only fits "
+                        "the 12 h for a small train set")
+    return items
+
+
 def check_train_labels(path: Path) -> int:
     import csv
 
@@ -297,6 +321,29 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def write_notebooks(staging: Path, out: Path, tracks: list[str], user: str, slug: str, build_id: str,
+                    rows: list[dict], plans: list[ModelPlan], headless: bool, private: bool,
+                    deadline_hours: float, predict_args, store, index_store, train_labels) -> list[dict]:
+    """One notebook (or script) folder per track, with its ``kernel-metadata.json``; returns report rows."""
+    nb_rows = []
+    for t in tracks:
+        folder = staging / "notebook" / (t if len(tracks) > 1 else "")
+        kslug, ktitle = kernel_slug(slug, t), f"{slug} {t}"
+        code_file = f"{kslug}.py" if headless else f"{kslug}.ipynb"
+        config = notebook.config_cell(t, slug, build_id, {r["checkpoint"]: r["sha256"] for r in rows}, store,
+                                      index_store, train_labels, deadline_hours, predict_args)
+        track_models = [p.entry["name"] for p in plans if t in p.entry["tracks"]]
+        cell_list = notebook.cells(config, notebook.intro(t, ktitle, slug, build_id, track_models))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / code_file).write_text(notebook.to_script(cell_list) if headless else notebook.to_ipynb(cell_list))
+        meta = notebook.kernel_metadata(user, kslug, ktitle, code_file, f"{user}/{slug}", t, headless, private)
+        write_json(folder / "kernel-metadata.json", meta)
+        nb_rows.append({"folder": str(out / folder.relative_to(staging)), "code_file": code_file, "id": meta["id"],
+                        "kernel_type": meta["kernel_type"], "competition": notebook.COMPETITIONS[t],
+                        "models": track_models})
+    return nb_rows
+
+
 # ------------------------------------------------------------------------------------------ the build
 
 def build_bundle(
@@ -355,24 +402,7 @@ def build_bundle(
     total = sum((weights / e["checkpoint"]).stat().st_size for e in entries if (weights / e["checkpoint"]).is_file())
     with tqdm(total=total, unit="B", unit_scale=True, desc="checking checkpoints", disable=not progress) as bar:
         plans = [check_checkpoint(e, weights, converting, check_images, bar) for e in entries]
-    store_items = {}
-    for kind, folder in (("store", store), ("index-store", index_store)):
-        if folder is not None:
-            store_items[kind] = (Path(folder), check_store(Path(folder), kind, plans, warnings))
-    if "retrieval" in tracks:  # its competition folder has index/ and test/ only: train cannot be extracted there
-        have_train = {it[0] for it in store_items.get("store", (None, []))[1] if it[1] == "train"}
-        lacking = [p.entry["name"] for p in plans if "retrieval" in p.entry["tracks"] and p.entry["name"] not in have_train]
-        if lacking:
-            raise KernelError(f"retrieval track: no precomputed train descriptors of {', '.join(lacking)} in "
-                              f"--store {store or '(none given)'}; the retrieval competition has no train images to "
-                              "extract them from (python -m kernel extract --split train first)")
-    if store is None:
-        warnings.append("no --store: every train (and index) descriptor is extracted on Kaggle at run time, "
-                        "which only fits the 12 h for a small train set")
-    if "retrieval" in tracks and index_store is None and not any(
-            it[1] == "index" for it in store_items.get("store", (None, []))[1]):
-        warnings.append("no precomputed index descriptors: the retrieval notebook extracts all index images at "
-                        "run time")
+    store_items = check_stores(store, index_store, tracks, plans, warnings)
     wheels = kwheels.resolve(wheel_requirements or kwheels.default_requirements(), wheel_dirs, allow_download)
 
     # ---- phase 2: stage
@@ -414,35 +444,21 @@ def build_bundle(
         files = kreport.file_table(dataset, exclude={"BUILD.json", "dataset-metadata.json"}, progress=progress)
         build_id = hashlib.sha256("".join(f"{k} {v['sha256']}\n" for k, v in files.items()).encode()).hexdigest()[:12]
         created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        source = git_state()
         dataset_id = f"{user}/{slug}"
         names = [p.entry["name"] for p in plans]
         write_json(dataset / "BUILD.json", {
-            "build_id": build_id, "created": created, "kernel_source": git_state(), "tracks": tracks,
+            "build_id": build_id, "created": created, "kernel_source": source, "tracks": tracks,
             "models": names, "fp16": fp16, "strip_heads": strip_heads, "fp16_tolerance": fp16_tolerance,
             "checkpoints": rows, "files": files})
         write_json(dataset / "dataset-metadata.json",
                    {"title": title, "id": dataset_id, "licenses": [{"name": license_name}]})
 
-        nb_rows = []
-        for t in tracks:
-            folder = staging / "notebook" / (t if len(tracks) > 1 else "")
-            kslug = kernel_slug(slug, t)
-            ktitle = f"{slug} {t}"
-            code_file = f"{kslug}.py" if headless else f"{kslug}.ipynb"
-            config = notebook.config_cell(
-                t, slug, build_id, {r["checkpoint"]: r["sha256"] for r in rows},
-                "store" if "store" in store_items else None,
-                "index-store" if "index-store" in store_items else None,
-                "train.csv" if train_labels is not None else None, deadline_hours, predict_args)
-            track_models = [p.entry["name"] for p in plans if t in p.entry["tracks"]]
-            cell_list = notebook.cells(config, notebook.intro(t, ktitle, slug, build_id, track_models))
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / code_file).write_text(notebook.to_script(cell_list) if headless else notebook.to_ipynb(cell_list))
-            meta = notebook.kernel_metadata(user, kslug, ktitle, code_file, dataset_id, t, headless, private)
-            write_json(folder / "kernel-metadata.json", meta)
-            nb_rows.append({"folder": str(out / folder.relative_to(staging)).rstrip("/"), "code_file": code_file,
-                            "id": meta["id"], "kernel_type": meta["kernel_type"],
-                            "competition": notebook.COMPETITIONS[t], "models": track_models})
+        nb_rows = write_notebooks(
+            staging, out, tracks, user, slug, build_id, rows, plans, headless, private, deadline_hours,
+            predict_args, store="store" if "store" in store_items else None,
+            index_store="index-store" if "index-store" in store_items else None,
+            train_labels="train.csv" if train_labels is not None else None)
         if labels_rows:
             log.info("train labels: %d rows", labels_rows)
         for w in wheel_rows:
@@ -450,7 +466,7 @@ def build_bundle(
                 warnings.append(f"wheels/{w['file']} is not pure Python: it installs only on a matching "
                                 "Python/platform")
         report = {
-            "build_id": build_id, "created": created, "git": git_state(), "out": str(out),
+            "build_id": build_id, "created": created, "git": source, "out": str(out),
             "dataset": str(out / "dataset"), "dataset_id": dataset_id, "tracks": tracks, "models": names,
             "manifest": str(manifest), "options": {"fp16": fp16, "strip_heads": strip_heads,
                                                    "fp16_tolerance": fp16_tolerance, "check_images": check_images,
