@@ -134,3 +134,18 @@ def test_retrieval2020_softmax_and_cutmix_steps(views, tmp_path):
         rec = torch.load(tmp_path / f"r{k}" / "model.pth", weights_only=True)
         head = {kk for kk in rec["model"] if kk.startswith("head.")}
         assert head == ({"head.weight", "head.bias"} if k == 1 else {"head.weight"})
+
+
+def test_fit_with_a_separate_validation_csv(views, tiny_weights, tmp_path, capsys):
+    data, df = views
+    _, manifest = tiny_weights
+    val = df.groupby("landmark_id").head(2)  # two views of every photo, 3 of whose landmarks are not trained
+    val.to_csv(tmp_path / "val.csv", index=False)
+    rc = main(["fit", "--recipe", "effnet_b6_512", "--step", "1", "--data", str(data), "--images", str(data),
+               "--train-csv", str(data / "train_clean.csv"), "--val-csv", str(tmp_path / "val.csv"),
+               "--out", str(tmp_path / "v"), "--manifest", str(manifest), "--workers", "0",
+               "--set", "image_size=32", "--set", "batch_size=8", "--set", "epochs=1"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["n_val"] == 26 and res["n_queries"] == 26
+    assert len(pd.read_csv(tmp_path / "v" / "step1" / "class_map.csv")) == 10  # classes = training landmarks

@@ -39,6 +39,10 @@ def add_fit(p) -> None:
     p.add_argument("--manifest", default=None, help="weights_manifest.json with the architecture (default: the repo's)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a step field (repeatable)")
     p.add_argument("--val-fraction", type=float, default=0.02, help="images per class held out for validation")
+    p.add_argument("--val-csv", default=None,
+                   help="validate on these labelled images (id,landmark_id) instead of a held-out part")
+    p.add_argument("--val-images", default=None, help="image folder of --val-csv (default: --images)")
+    p.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across GPUs")
     p.add_argument("--val-before", action="store_true", help="validate once before training")
     p.add_argument("--imagenet", action="store_true",
                    help="load timm ImageNet weights first (timm's cache); parts new in this step start pretrained")
@@ -62,11 +66,14 @@ def run_fit(args) -> int:
         entries = load_manifest(args.manifest)
     step = resolve_step(args.recipe, args.step, entries, _parse_set(args.set))
     df = read_labels(args.train_csv) if args.train_csv else load_named(args.data, step["data"])
-    train_df, val_df = holdout(df, args.val_fraction, seed=args.seed)
+    if args.val_csv:
+        train_df, val_df = df, read_labels(args.val_csv)
+    else:
+        train_df, val_df = holdout(df, args.val_fraction, seed=args.seed)
     out = Path(args.out) / f"step{args.step}"
     run = StepRun(step, train_df, val_df, args.images or Path(args.data) / "train", out, init_path=args.init,
                   resume=args.resume, device=args.device, workers=args.workers, imagenet=args.imagenet,
-                  precision=args.precision, seed=args.seed)
+                  precision=args.precision, seed=args.seed, val_root=args.val_images, sync_bn=args.sync_bn)
     hist = run.run(validate_before=args.val_before)
     if run.env.main and hist:
         print(json.dumps({"model": str(out / "model.pth"), **hist[-1]}))

@@ -157,7 +157,7 @@ class StepRun:
 
     def __init__(self, step: dict, train_df: pd.DataFrame, val_df: pd.DataFrame, image_root, out_dir, *,
                  init_path=None, resume=False, device=None, workers=2, imagenet=False, precision="auto",
-                 seed=0, val_batch_size=None, progress=True):
+                 seed=0, val_batch_size=None, progress=True, val_root=None, sync_bn=False):
         self.step, self.out = step, Path(out_dir)
         self.env = setup_distributed(device)
         self.progress = progress and self.env.main
@@ -166,14 +166,15 @@ class StepRun:
         torch.manual_seed(seed + self.env.rank)
         np.random.seed(seed + self.env.rank)
 
-        self.class_map = ClassMap(pd.concat([train_df["landmark_id"], val_df["landmark_id"]]))
+        # classes = the training landmarks; a validation image of another landmark can only be predicted wrong
+        self.class_map = ClassMap(train_df["landmark_id"])
         classes = self.class_map.encode(train_df["landmark_id"])
         counts = np.bincount(classes, minlength=len(self.class_map))
-        # a class known only from validation images keeps a count of 1 for its margin
-        self.loss_fn = build_loss(step["loss"], np.maximum(counts, 1)).to(self.env.device)
+        self.loss_fn = build_loss(step["loss"], counts).to(self.env.device)
         size = step["arch"]["image_size"]
         self.train_ds = LandmarkDataset(train_df["id"], classes, image_root, train_transform(size))
-        self.val_ds = LandmarkDataset(val_df["id"], self.class_map.encode(val_df["landmark_id"]), image_root,
+        known = val_df["landmark_id"].map(self.class_map.index).fillna(-1).astype(np.int64)
+        self.val_ds = LandmarkDataset(val_df["id"], known, val_root or image_root,
                                       eval_transform(size)) if len(val_df) else None
         self.val_landmarks = val_df["landmark_id"].to_numpy()
         self.val_ids = val_df["id"].tolist()
@@ -219,6 +220,9 @@ class StepRun:
             self._init_from(init_path, step["init"])
         elif state is None and init_path:
             self._init_from(init_path, {"pop": []})
+        if step["init"] == "imagenet" and not imagenet and state is None and not init_path:
+            log.warning("%s step %d starts from ImageNet weights in the recipe; without --imagenet its backbone "
+                        "starts from random init", step["recipe"], step["step"])
         n_train = freeze(self.net, step["train_only"])
         (log.info if self.env.main else log.debug)("%s step %d: %s, %d classes, %d train / %d val images, %.2fM trainable parameters",
                  step["recipe"], step["step"], arch["family"], len(self.class_map), len(self.train_ds),
@@ -226,6 +230,8 @@ class StepRun:
         self.net.to(self.env.device)
         self.trainee = Trainee(self.net)
         if self.env.world > 1:
+            if sync_bn:
+                self.trainee = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.trainee)
             self.trainee = torch.nn.parallel.DistributedDataParallel(
                 self.trainee, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
                 find_unused_parameters=bool(step["train_only"]))
