@@ -153,7 +153,12 @@ def validation_metrics(ids, landmarks, emb, preds, class_map: ClassMap, k: int =
 
 
 class StepRun:
-    """One recipe step: data, net, optimiser, schedule, loop, checkpoints. See :func:`fit`."""
+    """One recipe step: data, net, optimiser, schedule, loop, checkpoints (``python -m kernel.train fit``).
+
+    ``train_df`` / ``val_df``: ``id,landmark_id`` frames; images under ``image_root`` (``val_root``). The
+    step starts from ``last.pth`` in ``out_dir`` (``resume``), else from ``init_path`` or the model.pth of
+    the step its recipe names, else from (ImageNet with ``imagenet``, or random) init. :meth:`run` trains.
+    """
 
     def __init__(self, step: dict, train_df: pd.DataFrame, val_df: pd.DataFrame, image_root, out_dir, *,
                  init_path=None, resume=False, device=None, workers=2, imagenet=False, precision="auto",
@@ -224,9 +229,9 @@ class StepRun:
             log.warning("%s step %d starts from ImageNet weights in the recipe; without --imagenet its backbone "
                         "starts from random init", step["recipe"], step["step"])
         n_train = freeze(self.net, step["train_only"])
-        (log.info if self.env.main else log.debug)("%s step %d: %s, %d classes, %d train / %d val images, %.2fM trainable parameters",
-                 step["recipe"], step["step"], arch["family"], len(self.class_map), len(self.train_ds),
-                 len(val_df), n_train / 1e6)
+        (log.info if self.env.main else log.debug)(
+            "%s step %d: %s, %d classes, %d train / %d val images, %.2fM trainable parameters", step["recipe"],
+            step["step"], arch["family"], len(self.class_map), len(self.train_ds), len(val_df), n_train / 1e6)
         self.net.to(self.env.device)
         self.trainee = Trainee(self.net)
         if self.env.world > 1:

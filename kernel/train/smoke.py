@@ -11,13 +11,11 @@ families (the tiny demo preset: same code paths, tiny backbones). The last line 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
