@@ -168,19 +168,20 @@ class ModelRunner:
             bs = self.batch_size
             try:
                 outs.append(self._forward(x[start:start + bs]))
+                start += bs
+                continue
             except Exception as exc:
                 if not is_oom(exc):
                     raise
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if bs == 1:
-                    raise KernelError(f"model '{self.name}' does not fit in {self.device} memory even at "
-                                      f"batch size 1: use a smaller group (--group-size 1)") from None
-                self.batch_size = bs // 2
-                log.warning("%s: out of memory at batch size %d on %s; retrying with %d",
-                            self.name, bs, self.device, self.batch_size)
-                continue
-            start += bs
+            # out of the except block: the failed call's frames (and their tensors) are released now
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if bs == 1:
+                raise KernelError(f"model '{self.name}' does not fit in {self.device} memory even at "
+                                  f"batch size 1: use a smaller group (--group-size 1)")
+            self.batch_size = bs // 2
+            log.warning("%s: out of memory at batch size %d on %s; retrying with %d",
+                        self.name, bs, self.device, self.batch_size)
         self.items += len(x)
         self.seconds += time.perf_counter() - t0
         return torch.cat(outs) if outs else torch.zeros(0, 0)
@@ -237,6 +238,8 @@ def plan_groups(entries: list[dict], weights_dir, device, group_size: int | None
         if group_size < 1:
             raise KernelError(f"--group-size must be >= 1 (got {group_size})")
         return [order[i:i + group_size] for i in range(0, len(order), group_size)]
+    if len(order) <= 1:
+        return [order] if order else []
     budget = _device_memory(torch.device(device))
     groups, used = [[]], 0
     for e in order:
@@ -266,7 +269,8 @@ def _checkpoint_sha(entry: dict, weights_dir) -> str | None:
 def _meta_for(entry: dict, sha: str | None, dtype: str) -> dict:
     return {"name": entry["name"], "family": entry["family"], "image_size": entry["image_size"],
             "sha256": sha, "checkpoint": entry["checkpoint"], "group": entry.get("group", entry["family"]),
-            "tracks": entry.get("tracks", []), "backbone": entry.get("backbone"), "dim": 512, "dtype": dtype}
+            "tracks": entry.get("tracks", []), "backbone": entry.get("backbone"),
+            "dim": entry.get("embedding_dim", 512), "dtype": dtype}
 
 
 def _failures_name(split: str, shard: tuple[int, int] | None) -> str:
@@ -291,9 +295,8 @@ def _next_part(store, model: str, split: str, offset: int) -> int:
     return max(mine) + 1 if mine else offset
 
 
-def _split_ids(store, model: str, split: str) -> list[str]:
-    """The ids of ``<split>.npz`` (reads only that member, not the embeddings)."""
-    path = kstore.split_path(store, model, split)
+def _npz_ids(path: Path) -> list[str]:
+    """The ids of a descriptor file (reads only that member, not the embeddings)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             return z["ids"].astype(str).tolist()
@@ -302,11 +305,17 @@ def _split_ids(store, model: str, split: str) -> list[str]:
 
 
 def _stored_ids(store, model: str, split: str) -> set[str]:
-    """Ids a model already has for the split: in ``<split>.npz`` and in shards."""
-    ids, _, _ = kstore.read_parts(store, model, split)
-    done = set(ids.tolist())
+    """Ids a model already has for the split: in ``<split>.npz`` and in readable shards (an unreadable
+    shard is skipped, as :func:`kernel.store.read_parts` does: its ids are computed again)."""
+    done = set()
+    pdir = kstore.parts_dir(store, model, split)
+    for p in sorted(pdir.glob("part-*.npz")) if pdir.is_dir() else []:
+        try:
+            done.update(_npz_ids(p))
+        except KernelError as exc:
+            log.warning("%s (its descriptors will be computed again)", exc)
     if kstore.has_split(store, model, split):
-        done.update(_split_ids(store, model, split))
+        done.update(_npz_ids(kstore.split_path(store, model, split)))
     return done
 
 
@@ -620,7 +629,8 @@ def extract(
         if kstore.parts_dir(store, name, split).is_dir():
             _consolidate(store, name, split, record_ids, np.dtype(dtype))
         elif not kstore.has_split(store, name, split):  # every image failed: an empty, valid split
-            kstore.save_split(store, name, split, [], np.zeros((0, 512), dtype=dtype))
+            dim = next(e for e in entries if e["name"] == name).get("embedding_dim", 512)
+            kstore.save_split(store, name, split, [], np.zeros((0, dim), dtype=dtype))
     if shard is not None and summary.complete:
         log.info("shard %d/%d of %s done: copy every shard's <model>/%s.parts folders and failures/ files into "
                  "one store, then run extract once more without --shard to merge", shard[0], shard[1], split,
