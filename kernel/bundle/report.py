@@ -46,7 +46,7 @@ def file_table(root: Path, exclude=(), progress: bool = True) -> dict:
 def category(rel: str) -> str:
     top = rel.split("/", 1)[0]
     return {"kernel": "package", "weights": "checkpoints", "wheels": "wheels", "store": "descriptor stores",
-            "index-store": "descriptor stores"}.get(top, "metadata")
+            "index-store": "descriptor stores", "train.csv": "train labels"}.get(top, "metadata")
 
 
 def totals(files: dict) -> dict:
