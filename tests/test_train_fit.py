@@ -126,7 +126,7 @@ def test_retrieval2020_softmax_and_cutmix_steps(views, tmp_path):
     data, df = views
     for k in (1, 2):
         step = resolve_step("retrieval2020_resnet152", k, None,
-                            {"image_size": 32, "batch_size": 8, "epochs": 1, "init": "imagenet"})
+                            {"image_size": 32, "batch_size": 8, "epochs": 1, "init": "random"})
         step["arch"]["backbone"] = "test_resnet"
         run = StepRun(step, df, df.iloc[::4], data, tmp_path / f"r{k}", workers=0, progress=False, device="cpu")
         hist = run.run()

@@ -100,6 +100,8 @@ def test_validation_names_recipe_step_and_field():
     bad["steps"][1]["init"] = {"step": 2}
     with pytest.raises(KernelError, match="step 2: field 'init'"):
         validate_recipe("x", bad)
+    bad["steps"][1]["init"] = "random"
+    validate_recipe("x", bad)
     bad = copy.deepcopy(RECIPES["dolg_effnet_b5_768"])
     bad["steps"][0]["colour"] = 1
     with pytest.raises(KernelError, match="'colour' is not a known step field"):

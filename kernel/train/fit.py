@@ -221,7 +221,7 @@ class StepRun:
             log.info("resuming %s step %d after epoch %d", step["recipe"], step["step"], state["epoch"])
         elif resume:
             log.info("--resume: no %s yet, starting the step from its beginning", last)
-        if state is None and step["init"] != "imagenet":
+        if state is None and isinstance(step["init"], dict):
             self._init_from(init_path, step["init"])
         elif state is None and init_path:
             self._init_from(init_path, {"pop": []})

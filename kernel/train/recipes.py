@@ -14,7 +14,7 @@ family              "swin" for the hybrid's first step (plain Swin, its own patc
 epochs, stop_at     the cosine schedule spans ``epochs``; training stops after epoch ``stop_at`` (the original
                     configs' ``epochs=40, stop_at=29``); null = run all epochs
 lr                  peak learning rate (after warm-up), for ``gpus`` x ``batch_size`` x ``grad_accum`` images
-warmup_epochs       linear warm-up from ``warmup_start * lr`` to ``lr``
+warmup_epochs       linear warm-up from ``warmup_start * lr`` to ``lr`` (``warmup_start``, default 0)
 batch_size, gpus    images per GPU per step, and the GPU count the original run used
 grad_accum          gradient accumulation steps
 optimizer           adam (Adam with L2 weight decay, as the originals) | adamw | sgd (momentum 0.9, Nesterov)
@@ -22,10 +22,11 @@ schedule            cosine | poly (power 0.9)
 weight_decay, clip_grad   L2 weight decay; max gradient norm (null = no clipping)
 loss                {"type": "arcface", "s", "margins": "dynamic", "a", "b"} | {"type": "arcface", "s", "m"}
                     | {"type": "softmax"}; ``k``: sub-centres of the ArcFace head
-init                "imagenet" (timm ImageNet weights with ``--imagenet``, else random) or
+init                "imagenet" (timm ImageNet weights with ``--imagenet``, else random), "random", or
                     {"step": K, "pop": [name substrings not to load]}
 train_only          name substrings of the only parameters that train (hybrid step 2: the new embedding)
-cutmix              Corner-Cutmix dual-stream training (SPEC §3)
+cutmix              Corner-Cutmix dual-stream training (SPEC §3); ``cutmix_scale``: pasted side range
+sampling_power      0: images drawn uniformly (the originals); p > 0: image weight n_class ** -p
 source              where the numbers come from; "(our reading)" marks what no source states
 ==================  ========================================================================================
 
@@ -249,9 +250,10 @@ def validate_recipe(name: str, recipe: dict) -> None:
         ):
             raise KernelError(f"{where}: field 'loss' must be arcface (dynamic margins or 'm') or softmax")
         init = s["init"]
-        if init != "imagenet":
+        if init not in ("imagenet", "random"):
             if not isinstance(init, dict) or not isinstance(init.get("step"), int) or not 1 <= init["step"] < i:
-                raise KernelError(f"{where}: field 'init' must be \"imagenet\" or {{'step': K < {i}, 'pop': [...]}}")
+                raise KernelError(f"{where}: field 'init' must be \"imagenet\", \"random\" or "
+                                  f"{{'step': K < {i}, 'pop': [...]}}")
         if s.get("family") not in (None, "swin"):
             raise KernelError(f"{where}: field 'family' may only be 'swin' (the hybrid's first step)")
 
