@@ -319,14 +319,15 @@ def _stored_ids(store, model: str, split: str) -> set[str]:
     return done
 
 
-def _consolidate(store, model: str, split: str, order, dtype) -> None:
-    """Merge shards (and a previous, partial ``<split>.npz``) into ``<split>.npz`` in ``order``."""
+def _consolidate(store, model: str, split: str, dtype) -> None:
+    """Merge shards and a previous ``<split>.npz`` (ids of other calls are kept) into ``<split>.npz``,
+    sorted by id."""
     for tmp in kstore.parts_dir(store, model, split).glob(".part-*.tmp"):  # a write killed half-way
         tmp.unlink()
     if kstore.has_split(store, model, split):
         ids, emb = kstore.load_split(store, model, split, dtype=dtype)
         kstore.write_part(store, model, split, _next_part(store, model, split, PART_RANGE * 999), ids, emb)
-    path = kstore.consolidate(store, model, split, order=order)
+    path = kstore.consolidate(store, model, split, order=sorted(_stored_ids(store, model, split)))
     log.info("%s: wrote %s", model, path)
 
 
@@ -366,6 +367,7 @@ class _Run:
     store: Path
     split: str
     records: list  # [(id, path)] of this call (this shard)
+    id_set: set  # their ids
     todo: dict  # model -> bool array over records: descriptor still to compute
     failures: dict  # id -> reason (known ones of these records + new ones)
     known: set  # ids that had failed before this call
@@ -389,9 +391,12 @@ class _Run:
     written: dict = field(default_factory=dict)  # the failure file's content on disk
 
     def write_failures(self) -> None:
-        if self.failures != self.written:
-            kstore.write_failures(self.store, _failures_name(self.split, self.shard), self.failures)
-            self.written = dict(self.failures)
+        """Rewrite the failure file when it changed; rows of images outside this call are kept."""
+        rows = {**{k: v for k, v in self.written.items() if k not in self.id_set}, **self.failures}
+        if rows != self.written:
+            kstore.write_failures(self.store, _failures_name(self.split, self.shard), rows)
+            self.written = rows
+
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -590,8 +595,8 @@ def extract(
         summary.computed[e["name"]] = 0
         summary.model_seconds[e["name"]] = 0.0
         todo[e["name"]] = np.array([i not in done and i not in skip for i in record_ids], dtype=bool)
-    run = _Run(store=store, split=split, records=records, todo=todo, failures=dict(known), known=set(known),
-               summary=summary, device=dev, precision=precision or ("fp16" if dev.type == "cuda" else "fp32"),
+    run = _Run(store=store, split=split, records=records, id_set=id_set, todo=todo, failures=dict(known),
+               known=set(known), summary=summary, device=dev, precision=precision or ("fp16" if dev.type == "cuda" else "fp32"),
                dtype=np.dtype(dtype), per_model=per_model, workers=workers, flush_images=flush_images,
                flush_seconds=flush_seconds, shard=shard, deadline=deadline, max_batches=max_batches,
                on_batch=on_batch, progress=progress, t_start=t_start,
@@ -627,7 +632,7 @@ def extract(
         if shard is not None:
             continue
         if kstore.parts_dir(store, name, split).is_dir():
-            _consolidate(store, name, split, record_ids, np.dtype(dtype))
+            _consolidate(store, name, split, np.dtype(dtype))
         elif not kstore.has_split(store, name, split):  # every image failed: an empty, valid split
             dim = next(e for e in entries if e["name"] == name).get("embedding_dim", 512)
             kstore.save_split(store, name, split, [], np.zeros((0, dim), dtype=dtype))

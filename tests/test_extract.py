@@ -253,10 +253,14 @@ def test_shards_merge_into_the_unsharded_result(entries, tiny_weights, images, t
 def test_new_images_are_added_to_a_completed_split(entries, tiny_weights, images, tmp_path):
     records = folder_source(images)
     st = tmp_path / "s"
-    _run(entries, tiny_weights, records[:10], st, THREE)
+    first = _run(entries, tiny_weights, records[:10], st, THREE)
+    assert first.new_failures == 3 and kstore.read_failures(st, "test").keys() == BROKEN.keys()
+    # a call on other images (e.g. predict's probe) keeps the failure rows of the images it did not see
+    probe = _run(entries, tiny_weights, records[-2:], st, THREE)
+    assert probe.failures == {} and kstore.read_failures(st, "test").keys() == BROKEN.keys()
     s = _run(entries, tiny_weights, records, st, THREE)
-    assert s.present == {n: sum(r.id not in BROKEN for r in records[:10]) for n in THREE} and s.complete
-    assert s.new_failures == 0  # the broken ones among the first ten were already known
+    assert s.present == {n: sum(r.id not in BROKEN for r in records[:10] + records[-2:]) for n in THREE}
+    assert s.complete and s.new_failures == 0  # the broken ones were known: not decoded again
     ids, _ = kstore.load_split(st, THREE[0], "test")
     assert ids.tolist() == sorted(r.id for r in records if r.id not in BROKEN)
 
