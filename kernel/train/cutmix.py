@@ -48,7 +48,7 @@ def corner_cutmix(images: torch.Tensor, targets: torch.Tensor, scale=(0.3, 0.6),
     boxes = torch.empty(b, 4, dtype=torch.long)
     for i in range(b):
         side, corner = int(sides[i]), int(corners[i])
-        mixed[i] = paste_corner(images[i], images[perm[i]], side, corner)
+        mixed[i] = paste_corner(images[i], images[int(perm[i])], side, corner)
         y0 = 0 if corner in (0, 1) else h - side
         x0 = 0 if corner in (0, 2) else w - side
         boxes[i] = torch.tensor([y0, x0, y0 + side, x0 + side])
