@@ -24,6 +24,11 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# OpenCV's own thread pool is not fork-safe: once a process has used it, a DataLoader worker forked from
+# that process deadlocks in its first cv2 threading call. Decoding parallelism comes from worker processes,
+# so cv2 stays single-threaded everywhere, set here, before any pool can exist.
+cv2.setNumThreads(1)
+
 # Deliberate: the limit below (max_pixels, checked after the JPEG draft reduction) replaces Pillow's.
 Image.MAX_IMAGE_PIXELS = None
 

@@ -54,10 +54,9 @@ def collate(items) -> dict:
 
 
 def _worker_init(_):
-    # one decoding thread per worker process: the workers are the parallelism
-    import cv2
-
-    cv2.setNumThreads(1)
+    # one decoding thread per worker process: the workers are the parallelism. (cv2 is made single-threaded
+    # when kernel.data.decode is imported, in the parent: calling cv2.setNumThreads here, after a fork from a
+    # process whose cv2 pool had started, deadlocks.)
     torch.set_num_threads(1)
 
 
