@@ -1,9 +1,11 @@
 """Exact k-nearest-neighbour search by inner product (cosine on L2-normalised rows), of any size.
 
 :func:`topk` compares every query with every database row, block by block, so memory stays bounded by
-one ``query_chunk x db_chunk`` score block whatever the sizes (10^4 queries x 1.58 M train descriptors
-included). Each block is one matrix product followed by a partial selection; the running best ``k`` of
-every query are merged with the block's best ``k``. The result is exactly that of an exhaustive search:
+one ``query_chunk x db_chunk`` score block (plus ``k`` candidates per block and query) whatever the sizes
+(10^4 queries x 1.58 M train descriptors included). Each block is one matrix product followed by a partial
+selection of its best ``k`` (wide blocks keep that selection cheap next to the product); one final
+selection over the blocks' candidates gives every query's answer. The result is exactly that of an
+exhaustive search:
 
 * float32 on a CPU; on a GPU the descriptors live in float16 (half the memory, twice the speed of the
   P100's fp16 units) and the block scores are turned to float32 before any further arithmetic, so the
@@ -18,6 +20,7 @@ bias), so the re-ranked top-k stays exact without ever holding the full score ma
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable
 
 import numpy as np
@@ -30,8 +33,9 @@ logger = logging.getLogger(__name__)
 # (slice) and database positions (slice) it covers; may modify ``scores`` in place.
 ScoreFn = Callable[[torch.Tensor, slice, slice], torch.Tensor]
 
-#: elements of one score block (float32): 2^23 = 32 MiB on a CPU; GPUs take 16x that.
-CPU_BLOCK_ELEMENTS = 1 << 23
+#: elements of one score block (float32): 2^25 = 128 MiB on a CPU (2048 queries x 16 Ki columns),
+#: 2^27 on a GPU (fp16 product, then a float32 copy: 768 MiB).
+CPU_BLOCK_ELEMENTS = 1 << 25
 GPU_BLOCK_ELEMENTS = 1 << 27
 
 
@@ -63,52 +67,155 @@ def _order_rows(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, to
     return vals, torch.gather(idx, 1, perm)
 
 
-def block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best ``k`` columns of every row of a score block, ordered by (score desc, column asc).
+def select_topk(
+    vals: torch.Tensor, idx: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best ``k`` entries of every row, ordered by (value desc, index asc); exact under ties.
 
-    Exact under ties: when equal scores straddle the k-th place, the lowest columns are kept.
+    ``idx`` holds the index of every entry (``None``: its column). When equal values straddle the k-th
+    place, the lowest indices are kept.
     """
-    n = scores.shape[1]
+    n = vals.shape[1]
+    if idx is None:
+        idx = torch.arange(n, device=vals.device).expand(vals.shape[0], n)
     if k >= n:
-        cols = torch.arange(n, device=scores.device).expand(scores.shape[0], n)
-        vals, perm = torch.sort(scores, dim=1, descending=True, stable=True)
-        return vals, torch.gather(cols, 1, perm)
-    vals, idx = torch.topk(scores, k + 1, dim=1, sorted=True)
-    tied = vals[:, k - 1] == vals[:, k]  # the k-th value also appears outside the chosen k
-    vals, idx = _order_rows(vals[:, :k], idx[:, :k])
+        return _order_rows(vals, idx)
+    top, pos = torch.topk(vals, k + 1, dim=1, sorted=True)
+    tied = top[:, k - 1] == top[:, k]  # the k-th value also appears outside the chosen k
+    out_v, out_i = _order_rows(top[:, :k], torch.gather(idx, 1, pos[:, :k]))
     if bool(tied.any()):
         rows = tied.nonzero().flatten()
-        # a stable full sort orders equal scores by column: exactly the tie rule (rare, only these rows)
-        v, i = torch.sort(scores[rows], dim=1, descending=True, stable=True)
-        vals[rows], idx[rows] = v[:, :k], i[:, :k]
-    return vals, idx
+        # rare: a full (index, value) sort of just these rows applies the tie rule exactly
+        v, i = _order_rows(vals[rows], idx[rows])
+        out_v[rows], out_i[rows] = v[:, :k], i[:, :k]
+    return out_v, out_i
 
 
-def merge_topk(
-    best: tuple[torch.Tensor, torch.Tensor] | None, new: tuple[torch.Tensor, torch.Tensor], k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two per-row ordered candidate lists; every index of ``new`` must exceed every index of ``best``.
+def block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best ``k`` columns of every row of a score block, ordered by (score desc, column asc)."""
+    return select_topk(scores, None, k)
 
-    Both lists are ordered by (score desc, index asc); a stable sort of their concatenation then keeps
-    equal scores in ascending index order, so one sort merges them exactly.
+
+def _block_candidates(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact top-``k`` column set of every row of a block, unordered (cheaper than :func:`block_topk`).
+
+    Rows whose k-th and (k+1)-th values are equal take the lowest columns among the tied ones.
     """
-    if best is None:
-        return new[0][:, :k], new[1][:, :k]
-    vals = torch.cat([best[0], new[0]], dim=1)
-    idx = torch.cat([best[1], new[1]], dim=1)
-    vals, perm = torch.sort(vals, dim=1, descending=True, stable=True)
-    return vals[:, :k], torch.gather(idx, 1, perm[:, :k])
+    n = block.shape[1]
+    if k >= n:
+        return block.clone(), torch.arange(n, device=block.device).expand(block.shape[0], n)
+    top, pos = torch.topk(block, k + 1, dim=1, sorted=True)
+    tied = top[:, k - 1] == top[:, k]
+    top, pos = top[:, :k], pos[:, :k]
+    if bool(tied.any()):
+        rows = tied.nonzero().flatten()
+        v, i = block_topk(block[rows], k)
+        top, pos = top.clone(), pos.clone()
+        top[rows], pos[rows] = v, i
+    return top, pos
+
+
+def _merge_sets(
+    cur: tuple[torch.Tensor, torch.Tensor] | None, new: tuple[torch.Tensor, torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` set (unordered) of two candidate sets, ties to the lowest index."""
+    if cur is None:
+        v, i = new
+    else:
+        v, i = torch.cat([cur[0], new[0]], 1), torch.cat([cur[1], new[1]], 1)
+    if v.shape[1] <= k:
+        return v, i
+    top, pos = torch.topk(v, k + 1, dim=1, sorted=True)
+    tied = top[:, k - 1] == top[:, k]
+    top, pos = top[:, :k], pos[:, :k]
+    idx = torch.gather(i, 1, pos)
+    if bool(tied.any()):
+        rows = tied.nonzero().flatten()
+        ov, oi = _order_rows(v[rows], i[rows])
+        top[rows], idx[rows] = ov[:, :k], oi[:, :k]
+    return top, idx
+
+
+#: columns per segment of the segment-maximum filter (0: no filter, a full partial selection per block)
+SEGMENT = 32
+
+
+def _above(block: torch.Tensor, thr: torch.Tensor | None, k: int, d0: int, strict: bool = True):
+    """Entries of a score block that can still enter the top ``k``, padded per row (-inf, index -1).
+
+    Reads the block once to get the maximum of every ``SEGMENT``-column segment; only segments whose
+    maximum passes the row's threshold are looked at. With ``thr`` None (a row's first block) the
+    threshold is the k-th largest segment maximum, which at least k entries reach, so every entry of the
+    top k is kept (``>=``). Later blocks use the current k-th value: an entry equal to it loses the tie
+    (its index is higher), so only strictly larger entries are kept. ``None`` when filtering would not
+    pay (too many survivors, or fewer segments than ``k``).
+    """
+    qn, n = block.shape
+    w = SEGMENT
+    full = n // w
+    if full == 0 or (thr is None and full < k):
+        return None
+    segs = block[:, : full * w].reshape(qn, full, w)
+    seg_max = segs.amax(dim=2)
+    if thr is None:
+        thr, strict = torch.topk(seg_max, k, dim=1, sorted=True).values[:, -1], False
+    hit = seg_max > thr[:, None] if strict else seg_max >= thr[:, None]
+    r, s = hit.nonzero(as_tuple=True)  # row-major: r ascending
+    if r.numel() * w > block.numel() // 4:
+        return None
+    vals = segs[r, s]  # (hits, w): whole segments, plain row gathers
+    t = thr[r][:, None]
+    kr, kc = ((vals > t) if strict else (vals >= t)).nonzero(as_tuple=True)
+    rows, cols, vals = r[kr], s[kr] * w + kc, vals[kr, kc]
+    if n > full * w:  # the last, partial segment: compare directly
+        tail = block[:, full * w :]
+        tr, tc = ((tail > thr[:, None]) if strict else (tail >= thr[:, None])).nonzero(as_tuple=True)
+        rows, cols, vals = torch.cat([rows, tr]), torch.cat([cols, tc + full * w]), torch.cat([vals, tail[tr, tc]])
+        rows, order = torch.sort(rows, stable=True)
+        cols, vals = cols[order], vals[order]
+    counts = torch.bincount(rows, minlength=qn)
+    width = int(counts.max()) if rows.numel() else 0
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=block.device) - starts[rows]
+    out_v = torch.full((qn, max(width, 1)), -math.inf, device=block.device, dtype=block.dtype)
+    out_i = torch.full((qn, max(width, 1)), -1, device=block.device, dtype=torch.int64)
+    out_v[rows, slot] = vals
+    out_i[rows, slot] = cols + d0
+    return out_v, out_i
 
 
 def chunk_sizes(n_query: int, n_db: int, k: int, device: torch.device, block_elements: int | None = None):
-    """(query_chunk, db_chunk) for a score block of about ``block_elements`` floats."""
+    """(query_chunk, db_chunk) for a score block of about ``block_elements`` floats.
+
+    Database blocks are wide (16 Ki columns on a CPU, 64 Ki on a GPU, and at least 16 (k+1)) so the
+    per-block selection is cheap next to the matrix product; the query chunk fills the budget.
+    """
     budget = block_elements or (GPU_BLOCK_ELEMENTS if device.type == "cuda" else CPU_BLOCK_ELEMENTS)
-    db_chunk = max(4 * (k + 1), 2048 if device.type != "cuda" else 65536)
-    db_chunk = min(db_chunk, max(n_db, 1))
+    db_chunk = max(16 * (k + 1), 65536 if device.type == "cuda" else 16384)
+    db_chunk = max(1, min(db_chunk, n_db))
     query_chunk = max(1, min(n_query, budget // db_chunk))
     if query_chunk == n_query and n_db > db_chunk:  # few queries: widen the database block instead
         db_chunk = min(n_db, max(db_chunk, budget // max(n_query, 1)))
     return query_chunk, db_chunk
+
+
+class _Product:
+    """``q @ db[d0:d1].T`` as a float32 block (torch.mm; fp16 products are turned to float32).
+
+    On a CPU every block is written into one reused buffer: a fresh 100 MiB block each time would cost
+    page faults and zeroing, about a tenth of the product itself.
+    """
+
+    def __init__(self, db: torch.Tensor, device: torch.device, dtype: torch.dtype, qc: int, dc: int):
+        self.db = db
+        self.buf = torch.empty(qc * dc, dtype=torch.float32) if device.type == "cpu" and dtype == torch.float32 else None
+
+    def __call__(self, q: torch.Tensor, d0: int, d1: int) -> torch.Tensor:
+        if self.buf is not None:
+            out = self.buf[: q.shape[0] * (d1 - d0)].view(q.shape[0], d1 - d0)
+            return torch.mm(q, self.db[d0:d1].T, out=out)
+        block = torch.mm(q, self.db[d0:d1].T)
+        return block if block.dtype == torch.float32 else block.float()
 
 
 def topk(
@@ -157,23 +264,31 @@ def topk(
         return out_v, out_i
     qc, dc = chunk_sizes(n_q, n_db, kk, dev, block_elements)
     qc, dc = query_chunk or qc, db_chunk or dc
+    product = _Product(db, dev, dt, qc, dc)
     bar = tqdm(total=n_q, desc=desc, unit="q", disable=not progress, leave=False)
     with torch.inference_mode():
         for q0 in range(0, n_q, qc):
             q1 = min(n_q, q0 + qc)
-            q = q_all[q0:q1].to(device=dev, dtype=dt)
-            best = None
+            q = q_all[q0:q1].to(device=dev, dtype=dt).contiguous()
+            best = None  # exact top-k set so far (unordered); ordered once at the end
+            seen = 0
             for d0 in range(0, n_db, dc):
                 d1 = min(n_db, d0 + dc)
-                block = torch.mm(q, db[d0:d1].T)
-                if block.dtype != torch.float32:
-                    block = block.float()
+                block = product(q, d0, d1)
                 if score_fn is not None:
                     block = score_fn(block, slice(q0, q1), slice(d0, d1))
-                vals, idx = block_topk(block, kk)
-                best = merge_topk(best, (vals, idx + d0), kk)
-            out_v[q0:q1] = best[0].cpu().numpy()
-            out_i[q0:q1] = best[1].cpu().numpy()
+                # every row holds k candidates after ``kk`` columns: prune by its k-th value
+                thr = best[0].amin(dim=1) if seen >= kk else None
+                new = _above(block, thr, kk, d0) if SEGMENT and (thr is not None or best is None) else None
+                if new is None:
+                    v, i = _block_candidates(block, kk)
+                    new = (v, i + d0)
+                best = _merge_sets(best, new, kk)
+                seen += d1 - d0
+                del block
+            v, i = _order_rows(*best)
+            out_v[q0:q1] = v.cpu().numpy()
+            out_i[q0:q1] = i.cpu().numpy()
             bar.update(q1 - q0)
     bar.close()
     return out_v, out_i

@@ -34,16 +34,30 @@ def test_equals_exhaustive_search(qc, dc):
     np.testing.assert_allclose(v, rv, atol=1e-6)
 
 
-@pytest.mark.parametrize("dc", [2, 3, 4, 7, 1000])
-def test_ties_ordered_by_index_and_lowest_kept(dc):
-    # 0/1 vectors: integer inner products, many exact ties, straddling the k-th place and chunk borders
+@pytest.mark.parametrize("segment", [0, 2, 3, 32])
+@pytest.mark.parametrize("dc", [2, 3, 7, 24, 1000])
+def test_ties_ordered_by_index_and_lowest_kept(dc, segment, monkeypatch):
+    # 0/1 vectors: integer inner products, many exact ties, straddling the k-th place, chunk and segment
+    # borders; small segments force the segment-maximum filter on every block
+    monkeypatch.setattr(search, "SEGMENT", segment)
     rng = np.random.default_rng(1)
     q = rng.integers(0, 2, (40, 6)).astype(np.float32)
-    d = rng.integers(0, 2, (50, 6)).astype(np.float32)
+    d = rng.integers(0, 2, (250, 6)).astype(np.float32)
     v, i = search.topk(q, d, 7, db_chunk=dc, query_chunk=9)
     rv, ri = reference_topk(q, d, 7)
     np.testing.assert_array_equal(i, ri)
     np.testing.assert_array_equal(v, rv)
+
+
+@pytest.mark.parametrize("segment", [0, 4, 32])
+def test_segment_filter_exact_on_many_blocks(segment, monkeypatch):
+    monkeypatch.setattr(search, "SEGMENT", segment)
+    rng = np.random.default_rng(6)
+    q, d = unit(rng.standard_normal((64, 16))), unit(rng.standard_normal((6000, 16)))
+    v, i = search.topk(q, d, 20, db_chunk=700, query_chunk=32)  # 700 = 21 segments of 32 + a tail
+    rv, ri = reference_topk(q, d, 20)
+    np.testing.assert_array_equal(i, ri)
+    np.testing.assert_allclose(v, rv, atol=1e-6)
 
 
 def test_all_equal_scores_give_first_positions():
