@@ -12,11 +12,10 @@ checked before anything is written; see :mod:`kernel.bundle` and ``--help``.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from kernel.bundle import HELP, add_arguments, run
-from kernel.errors import KernelError
+from kernel.cli import run_command
 
 
 def main(argv=None) -> int:
@@ -24,16 +23,7 @@ def main(argv=None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        return run(args)
-    except KernelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(run, args, verbose=args.verbose)
 
 
 if __name__ == "__main__":

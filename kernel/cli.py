@@ -60,13 +60,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.parse_args(argv)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     args = build_parser(only=command).parse_args(argv)
+    return run_command(_load(command).run, args, verbose=args.verbose)
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def run_command(fn, args, verbose: bool = False, quiet: bool = False) -> int:
+    """Every entry point's error boundary: logging set up, KernelError -> one ``error:`` line, exit 2."""
+    setup_logging(verbose, quiet)
     try:
-        return int(_load(command).run(args) or 0)
+        return int(fn(args) or 0)
     except KernelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

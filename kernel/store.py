@@ -29,7 +29,9 @@ META = "meta.json"
 FAILURES_DIR = "failures"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(fh)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -57,7 +59,7 @@ def _save_npz(path: Path, ids, embeddings: np.ndarray) -> None:
     emb = np.asarray(embeddings)
     if emb.ndim != 2 or emb.shape[0] != len(ids):
         raise ValueError(f"{path}: embeddings shape {emb.shape} does not match {len(ids)} ids")
-    _atomic_write(path, lambda fh: np.savez(fh, ids=ids, embeddings=emb))
+    atomic_write(path, lambda fh: np.savez(fh, ids=ids, embeddings=emb))
 
 
 def save_split(store: str | Path, model: str, split: str, ids, embeddings: np.ndarray) -> Path:
@@ -113,7 +115,7 @@ def has_split(store: str | Path, model: str, split: str) -> bool:
 def write_meta(store: str | Path, model: str, meta: dict) -> Path:
     path = Path(store) / model / META
     data = json.dumps(meta, indent=2, sort_keys=True).encode()
-    _atomic_write(path, lambda fh: fh.write(data))
+    atomic_write(path, lambda fh: fh.write(data))
     return path
 
 
@@ -205,7 +207,7 @@ def write_failures(store: str | Path, split: str, failures: dict[str, str]) -> P
         w.writerow([k, failures[k]])
     data = buf.getvalue().encode()
     path = failures_path(store, split)
-    _atomic_write(path, lambda fh: fh.write(data))
+    atomic_write(path, lambda fh: fh.write(data))
     return path
 
 

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from kernel.errors import KernelError
-from kernel.store import _atomic_write
+from kernel.store import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def write_submission(track: str, predictions: dict, test_ids, path) -> Path:
         w.writerow([i, field])
     path = Path(path)
     data = buf.getvalue().encode()
-    _atomic_write(path, lambda fh: fh.write(data))
+    atomic_write(path, lambda fh: fh.write(data))
     logger.info("wrote %s: %d rows (%d empty)", path, len(test_ids), empty)
     return path
 

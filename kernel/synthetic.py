@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from kernel import store
-from kernel.store import _atomic_write
+from kernel.store import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def _write_csv(path: Path, header: list[str], rows) -> None:
     w.writerow(header)
     w.writerows(rows)
     data = buf.getvalue().encode()
-    _atomic_write(path, lambda fh: fh.write(data))
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def write_store(world: SyntheticWorld, out: str | Path, track: str, models=None, bank: bool = True) -> dict[str, Path]:

@@ -13,9 +13,7 @@ Files a step writes into its output folder (every write atomic: temporary file, 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from kernel.errors import KernelError
+from kernel.store import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +54,9 @@ def from_original(state_dict: dict, family: str) -> dict:
 
 
 def atomic_save(obj, path: str | Path) -> Path:
+    """``torch.save`` that never leaves a half-written file (see :func:`kernel.store.atomic_write`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: torch.save(obj, fh))
     return path
 
 

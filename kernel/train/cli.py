@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
 from kernel.errors import KernelError
 
@@ -142,14 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    quiet = getattr(args, "json", False)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        return int(COMMANDS[args.command][2](args) or 0)
-    except KernelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    from kernel.cli import run_command
+
+    return run_command(COMMANDS[args.command][2], args, verbose=args.verbose, quiet=getattr(args, "json", False))
