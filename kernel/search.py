@@ -187,11 +187,12 @@ def _above(block: torch.Tensor, thr: torch.Tensor | None, k: int, d0: int, stric
 def chunk_sizes(n_query: int, n_db: int, k: int, device: torch.device, block_elements: int | None = None):
     """(query_chunk, db_chunk) for a score block of about ``block_elements`` floats.
 
-    Database blocks are wide (16 Ki columns on a CPU, 64 Ki on a GPU, and at least 16 (k+1)) so the
-    per-block selection is cheap next to the matrix product; the query chunk fills the budget.
+    Database blocks are wide (16 Ki columns on a CPU, 64 Ki on a GPU, and at least 2 (k+1) segments) so
+    the per-block selection is cheap next to the matrix product; the query chunk fills the budget.
     """
     budget = block_elements or (GPU_BLOCK_ELEMENTS if device.type == "cuda" else CPU_BLOCK_ELEMENTS)
-    db_chunk = max(16 * (k + 1), 65536 if device.type == "cuda" else 16384)
+    # at least 2 (k + 1) segments, so a first block can take its threshold from the segment maxima
+    db_chunk = max(2 * max(SEGMENT, 8) * (k + 1), 65536 if device.type == "cuda" else 16384)
     db_chunk = max(1, min(db_chunk, n_db))
     query_chunk = max(1, min(n_query, budget // db_chunk))
     if query_chunk == n_query and n_db > db_chunk:  # few queries: widen the database block instead
@@ -266,6 +267,26 @@ def topk(
     qc, dc = query_chunk or qc, db_chunk or dc
     product = _Product(db, dev, dt, qc, dc)
     bar = tqdm(total=n_q, desc=desc, unit="q", disable=not progress, leave=False)
+    threads = torch.get_num_threads()
+    try:
+        _search_blocks(q_all, product, score_fn, kk, qc, dc, dev, dt, out_v, out_i, bar, threads)
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+    return out_v, out_i
+
+
+def _search_blocks(q_all, product, score_fn, kk, qc, dc, dev, dt, out_v, out_i, bar, threads) -> None:
+    """The block loop of :func:`topk`.
+
+    On a CPU the products run on all ``threads`` and everything else on one: the selection is a few
+    light passes and many small operations, and a parallel region of a small operation waits for every
+    thread (on a shared 2-core machine a descheduled thread makes each wait milliseconds long).
+    """
+    n_q, n_db = q_all.shape[0], product.db.shape[0]
+    single = dev.type == "cpu" and threads > 1
+    if single:
+        torch.set_num_threads(1)
     with torch.inference_mode():
         for q0 in range(0, n_q, qc):
             q1 = min(n_q, q0 + qc)
@@ -274,7 +295,11 @@ def topk(
             seen = 0
             for d0 in range(0, n_db, dc):
                 d1 = min(n_db, d0 + dc)
+                if single:
+                    torch.set_num_threads(threads)
                 block = product(q, d0, d1)
+                if single:
+                    torch.set_num_threads(1)
                 if score_fn is not None:
                     block = score_fn(block, slice(q0, q1), slice(d0, d1))
                 # every row holds k candidates after ``kk`` columns: prune by its k-th value
@@ -290,8 +315,6 @@ def topk(
             out_v[q0:q1] = v.cpu().numpy()
             out_i[q0:q1] = i.cpu().numpy()
             bar.update(q1 - q0)
-    bar.close()
-    return out_v, out_i
 
 
 def cosine_topk(queries, database, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
