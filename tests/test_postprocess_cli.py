@@ -158,3 +158,23 @@ def test_validate_rejects_incomplete_submission(capsys, retrieval, tmp_path):
                           retrieval["solution"]], sub, "1 test ids missing")
     expect_error(capsys, ["validate", "--track", "recognition", "--submission", sub, "--solution",
                           retrieval["solution"]], "column 'landmarks' is missing")
+
+
+def test_models_of_the_other_track_are_skipped(capsys, retrieval, tmp_path):
+    # a recognition-only model in the store (no retrieval splits at all) is not used by default
+    store.write_meta(retrieval["store"], "effnet_b3_768", {"name": "effnet_b3_768", "family": "effnet",
+                                                          "tracks": ["recognition"]})
+    code, _, err = postprocess(capsys, retrieval, "retrieval", tmp_path / "s.csv", "--rerank", "none")
+    assert code == 0, err
+    # naming it explicitly uses it, and its missing split is reported
+    expect_error(capsys, ["postprocess", "--track", "retrieval", "--store", retrieval["store"], "--train-labels",
+                          retrieval["train_labels"], "--out", tmp_path / "s.csv", "--models", "effnet_b3_768"],
+                 "effnet_b3_768", "missing split 'test'")
+
+
+def test_our_readings_are_parameters(capsys, recognition, retrieval, tmp_path):
+    code, _, err = postprocess(capsys, recognition, "recognition", tmp_path / "a.csv", "--no-renormalize")
+    assert code == 0, err
+    code, _, err = postprocess(capsys, retrieval, "retrieval", tmp_path / "b.csv", "--rerank", "two-stage",
+                               "--conf-divisor", 1)
+    assert code == 0, err

@@ -29,6 +29,10 @@ def add_arguments(parser) -> None:
     g.add_argument("--insert-threshold", type=float, default=None, help="two-stage: conf(q)+conf(i) threshold (0.6)")
     g.add_argument("--bank-k-train", type=int, default=None, help="recognition: B(t) over the 5 nearest non-landmarks")
     g.add_argument("--bank-k-query", type=int, default=None, help="recognition: C(q) over the 10 nearest non-landmarks")
+    g.add_argument("--conf-divisor", type=float, default=None,
+                   help="retrieval k-NN confidence = similarity sum / this (default: --knn-k, our reading)")
+    g.add_argument("--no-renormalize", action="store_true",
+                   help="recognition: do not L2-normalise the concatenated family descriptor (our reading: do)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -36,13 +40,15 @@ def run(args) -> int:
     progress = not args.no_progress
     if args.track == "retrieval":
         params = dict(knn_k=args.knn_k, down_weight=args.down_weight, soft_keep=args.soft_keep,
-                      n_results=args.n_results, insert_threshold=args.insert_threshold)
+                      n_results=args.n_results, insert_threshold=args.insert_threshold,
+                      conf_divisor=args.conf_divisor)
         preds = pipeline.retrieval_from_store(
             args.store, args.train_labels, models=args.models, rerank=args.rerank, device=args.device,
             progress=progress, **{k: v for k, v in params.items() if v is not None},
         )
     else:
-        params = dict(knn_k=args.knn_k, bank_k_train=args.bank_k_train, bank_k_query=args.bank_k_query)
+        params = dict(knn_k=args.knn_k, bank_k_train=args.bank_k_train, bank_k_query=args.bank_k_query,
+                      renormalize=False if args.no_renormalize else None)
         preds = pipeline.recognition_from_store(
             args.store, args.train_labels, models=args.models, device=args.device, progress=progress,
             **{k: v for k, v in params.items() if v is not None},

@@ -34,12 +34,14 @@ RETRIEVAL_PARAMS = {
     "soft_keep": ret.SOFT_KEEP,
     "n_results": ret.N_RESULTS,
     "insert_threshold": ret.INSERT_THRESHOLD,
+    "conf_divisor": None,  # conf = best landmark's similarity sum / knn_k (our reading); a number overrides
 }
 RECOGNITION_PARAMS = {
     "knn_k": rec.KNN_K,
     "bank_k_train": rec.BANK_K_TRAIN,
     "bank_k_query": rec.BANK_K_QUERY,
     "clip": rec.CLIP,
+    "renormalize": True,  # L2-normalise the concatenated family descriptor (our reading)
 }
 
 
@@ -186,7 +188,8 @@ def retrieval_from_store(
 
     ``rerank``: ``soft`` (2021, default), ``two-stage`` (2019) or ``none`` (ensemble cosine). ``params``:
     ``knn_k`` (3), ``down_weight`` (0.1), ``soft_keep`` (750), ``n_results`` (100),
-    ``insert_threshold`` (0.6). Splits used: ``test``, ``index``, ``train`` of every model.
+    ``insert_threshold`` (0.6), ``conf_divisor`` (None = ``knn_k``). Splits used: ``test``, ``index``,
+    ``train`` of every model.
     """
     if rerank not in RERANKS:
         raise KernelError(f"unknown re-ranking '{rerank}' (choose from {', '.join(RERANKS)})")
@@ -222,18 +225,27 @@ def _soft(splits, labels, test_ids, p, dev, progress):
         logger.info("%s: %d queries, %d index, %d train descriptors", ms.name, len(q), len(idx), len(train))
         kw = dict(device=dev, progress=progress)
         train = search.to_device(train, dev, search.compute_dtype(dev))  # moved once, searched twice
-        q_lab, _ = knn_labels(q, train, t_codes, k=p["knn_k"], desc=f"{ms.name} test labels", **kw)
-        i_lab, i_conf = knn_labels(idx, train, t_codes, k=p["knn_k"], desc=f"{ms.name} index labels", **kw)
+        q_lab, _ = knn_labels(q, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
+                              desc=f"{ms.name} test labels", **kw)
+        i_lab, i_conf = knn_labels(idx, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
+                                   desc=f"{ms.name} index labels", **kw)
         del train
         scores, rows = ret.soft_scores(
             q, idx, q_lab, i_lab, i_conf, keep=p["soft_keep"], down=p["down_weight"], desc=f"{ms.name} soft", **kw
         )
         glob = np.asarray([index_pos.setdefault(str(i), len(index_pos)) for i in i_ids], dtype=np.int64)
+        if ms is splits[0]:
+            n_index_first = len(index_pos)
         full_s = np.zeros((n_q, scores.shape[1]), np.float32)
         full_r = np.full((n_q, scores.shape[1]), -1, np.int32)
         qr = _query_rows(test_ids, q_ids)
         full_s[qr], full_r[qr] = scores, glob[rows]
         per_model.append((full_s, full_r))
+    if len(index_pos) != n_index_first:
+        logger.warning(
+            "the models' index splits hold different ids (%d in the first, %d in all): each model scores "
+            "the ids it holds", n_index_first, len(index_pos),
+        )
     ranked = ret.sum_ensemble(per_model, len(index_pos), n_results=p["n_results"], progress=progress)
     index_ids = np.asarray(list(index_pos), dtype=object)
     return index_ids, ranked
@@ -276,8 +288,10 @@ def _concatenated(splits, labels, test_ids, rerank, p, dev, progress):
     if rerank == "two-stage":
         t_ids, train = _ensemble_side(splits, "train", dt, dev)
         t_codes = _train_codes(t_ids, labels, splits[0].path("train"), {})
-        q_lab, q_conf = knn_labels(q, train, t_codes, k=p["knn_k"], desc="test labels", **kw)
-        i_lab, i_conf = knn_labels(idx, train, t_codes, k=p["knn_k"], desc="index labels", **kw)
+        q_lab, q_conf = knn_labels(q, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
+                                   desc="test labels", **kw)
+        i_lab, i_conf = knn_labels(idx, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
+                                   desc="index labels", **kw)
         del train
         ranked = ret.two_stage(
             initial, None, q_lab, q_conf, i_lab, i_conf, n_results=p["n_results"], threshold=p["insert_threshold"]
@@ -307,7 +321,7 @@ def recognition_from_store(
 
     Family-averaged descriptors of ``test``, ``train`` and, when every model has it, ``nonlandmark``
     (the non-landmark bank); without a bank it is plain k-NN voting. ``params``: ``knn_k`` (3),
-    ``bank_k_train`` (5), ``bank_k_query`` (10), ``clip`` ((0, 1)).
+    ``bank_k_train`` (5), ``bank_k_query`` (10), ``clip`` ((0, 1)), ``renormalize`` (True).
     """
     p = _params(RECOGNITION_PARAMS, params)
     dev = search.resolve_device(device)
@@ -345,12 +359,13 @@ def recognition_from_store(
             present[-1].append(mask)
     _check_family_dims(groups, arrays)
     have = np.any([m for fam in present for m in fam], axis=0)
-    test = rec.family_descriptors(arrays, present, n=len(test_ids), dtype=dt, device=dev)
+    test = rec.family_descriptors(arrays, present, n=len(test_ids), dtype=dt, device=dev,
+                                  normalize=p["renormalize"])
     del arrays
-    t_ids, train = _family_side(groups, "train", dt, dev)
+    t_ids, train = _family_side(groups, "train", dt, dev, p["renormalize"])
     codes_of: dict = {}
     t_codes = _train_codes(t_ids, labels, groups[0][0].path("train"), codes_of)
-    bank = _family_side(groups, "nonlandmark", dt, dev)[1] if all(with_bank) else None
+    bank = _family_side(groups, "nonlandmark", dt, dev, p["renormalize"])[1] if all(with_bank) else None
     codes, conf = rec.recognize(
         test, train, t_codes, bank, k=p["knn_k"], bank_k_train=p["bank_k_train"],
         bank_k_query=p["bank_k_query"], clip=tuple(p["clip"]), progress=progress, device=dev,
@@ -374,7 +389,7 @@ def _check_family_dims(groups, arrays) -> None:
             )
 
 
-def _family_side(groups, split: str, dt, dev):
+def _family_side(groups, split: str, dt, dev, normalize: bool = True):
     """Family descriptors of a database-side split (every model must hold the same ids)."""
     ref_ids, ref_path, arrays = None, None, []
     for g in groups:
@@ -385,4 +400,4 @@ def _family_side(groups, split: str, dt, dev):
                 ref_ids, ref_path = ids, ms.path(split)
             arrays[-1].append(_align(ids, emb, ref_ids, ms.path(split), ref_path))
     _check_family_dims(groups, arrays)
-    return ref_ids, rec.family_descriptors(arrays, dtype=dt, device=dev)
+    return ref_ids, rec.family_descriptors(arrays, dtype=dt, device=dev, normalize=normalize)

@@ -36,6 +36,7 @@ def family_descriptors(
     n: int | None = None,
     dtype: torch.dtype = torch.float32,
     device=None,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """Average the models' descriptors within each family, concatenate the families, L2-normalise.
 
@@ -47,7 +48,8 @@ def family_descriptors(
 
     A row's family block is the mean over the models of that family that hold the row (zero when none
     does), so a query a model missed uses the others. Accumulates in float32 on ``device`` and returns
-    an (n, D * n_families) tensor in ``dtype``.
+    an (n, D * n_families) tensor in ``dtype``. ``normalize`` False skips the final L2 normalisation
+    (the SPEC marks it as our reading).
     """
     dev = search.resolve_device(device)
     if n is None:
@@ -71,6 +73,8 @@ def family_descriptors(
         if dtype != torch.float32:
             out[:, off : off + dims[f]] = acc.to(dtype)
         off += dims[f]
+    if not normalize:
+        return out
     # L2-normalise in float32 chunks (the matrix may be float16 and large)
     step = 1 << 16
     for r0 in range(0, n, step):
