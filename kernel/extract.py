@@ -585,6 +585,9 @@ def extract(
     store = Path(store)
     record_ids = [r[0] for r in records]
     id_set = set(record_ids)
+    if len(id_set) != len(record_ids):
+        dup = next(i for i in record_ids if record_ids.count(i) > 1)
+        raise KernelError(f"image id '{dup}' appears more than once in the records of split '{split}'")
     summary = ExtractSummary(split=split, images=len(records), models=names, device=str(dev))
     known = {k: v for k, v in _read_all_failures(store, split).items() if k in id_set}
     skip = set() if retry_failures else set(known)
