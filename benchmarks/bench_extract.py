@@ -180,7 +180,8 @@ def main(argv=None) -> int:
         entries = select(load_manifest(manifest), args.models)
         records = make_images(tmp / "images", args.images)
         sizes = sorted({e["image_size"] for e in entries})
-        res = {"machine": machine(device), "load_avg_1min_before": os.getloadavg()[0], "device": str(device), "preset": args.preset, "precision": precision,
+        res = {"machine": machine(device), "load_avg_1min_before": os.getloadavg()[0], "device": str(device),
+               "preset": args.preset, "precision": precision,
                "models": [e["name"] for e in entries], "images": len(records), "batch": batch, "workers": workers,
                "torch_threads": torch.get_num_threads(), "sizes": sizes}
         res.update(bench_decode(records, sizes))

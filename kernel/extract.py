@@ -556,7 +556,8 @@ def extract(
     batch and each model's first batch size (an int, or ``{model: int}``; default 32 on CUDA, 8 on CPU).
     ``deadline``: a ``time.monotonic()`` value; once passed the call stops after the current batch, keeping
     everything computed (resumable). ``on_batch(Progress)`` is called after every batch. ``workers``: decode
-    processes (default: one per CPU core; 0 = decode in this process). ``group_size``: models held at once
+    processes (default: one per CPU core on CUDA; half the cores on a CPU-only run, whose forward needs the
+    cores itself; 0 = decode in this process). ``group_size``: models held at once
     (default: all that fit). ``precision``: "fp16" (CUDA default), "bf16" or "fp32" (CPU default).
     ``dtype``: "float16" or "float32" for the stored descriptors. ``shard``: ``(i, n)``, process every n-th
     image only and leave consolidation to a final unsharded run. ``retry_failures``: decode images that
@@ -576,6 +577,10 @@ def extract(
 
         records = take_shard(records, *shard)
     dev = resolve_device(device)
+    if workers is None:
+        from kernel.data.loader import default_workers
+
+        workers = default_workers() if dev.type == "cuda" else max(1, default_workers() // 2)
     names = [e["name"] for e in entries]
     default = DEFAULT_BATCH["cuda" if dev.type == "cuda" else "cpu"]
     sizes = batch_size if isinstance(batch_size, dict) else {}
@@ -583,6 +588,12 @@ def extract(
     if min(per_model.values()) < 1:
         raise KernelError("batch size must be >= 1")
     store = Path(store)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KernelError(f"{store}: cannot create the descriptor store ({exc.strerror or exc})") from None
+    if not os.access(store, os.W_OK):
+        raise KernelError(f"{store}: the descriptor store is not writable")
     record_ids = [r[0] for r in records]
     id_set = set(record_ids)
     if len(id_set) != len(record_ids):
@@ -599,7 +610,8 @@ def extract(
         summary.model_seconds[e["name"]] = 0.0
         todo[e["name"]] = np.array([i not in done and i not in skip for i in record_ids], dtype=bool)
     run = _Run(store=store, split=split, records=records, id_set=id_set, todo=todo, failures=dict(known),
-               known=set(known), summary=summary, device=dev, precision=precision or ("fp16" if dev.type == "cuda" else "fp32"),
+               known=set(known), summary=summary, device=dev,
+               precision=precision or ("fp16" if dev.type == "cuda" else "fp32"),
                dtype=np.dtype(dtype), per_model=per_model, workers=workers, flush_images=flush_images,
                flush_seconds=flush_seconds, shard=shard, deadline=deadline, max_batches=max_batches,
                on_batch=on_batch, progress=progress, t_start=t_start,
@@ -662,7 +674,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 32 on CUDA, 8 on CPU; "
                    "halved per model on out-of-memory)")
-    p.add_argument("--workers", type=int, default=None, help="decode processes (default: one per CPU core)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decode processes (default: one per CPU core with CUDA, half of them on CPU)")
     p.add_argument("--group-size", type=int, default=None,
                    help="models held at once (default: all that fit in half the device memory; 1 = model by model)")
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default=None,

@@ -24,8 +24,20 @@ from kernel.models import load_manifest, select
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = sorted((ROOT / "kernel" / "sample_data" / "gldv2").glob("*.jpg"))
-THREE = ["dolg_effnet_b5_768", "hybrid_b6_swin384_384", "effnet_b5_704"]  # one per family, sizes 64/64/96
+THREE = ["dolg_effnet_b7_448_s1", "hybrid_b6_swin384_384", "effnet_b5_704"]  # one per family, sizes 32/64/96
 BROKEN = {"broken_empty": "empty file", "broken_text": "not an image", "broken_trunc": "truncated"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: the tiny models gain nothing from two, and on a shared 2-core machine two
+    OpenMP threads spin-wait for each other (measured here: 8 s instead of 0.4 s for one extract call)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +221,7 @@ def test_sigkill_then_resume_is_identical(entries, tiny_weights, images, tmp_pat
     cmd = [sys.executable, "-m", "kernel", "extract", "--manifest", str(manifest), "--weights", str(weights),
            "--images", str(images), "--split", "test", "--models", ",".join(THREE), "--batch-size", "1",
            "--workers", "0", "--flush-images", "1", "--dtype", "float32", "--no-progress", "--store", str(killed)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     part = kstore.parts_dir(killed, THREE[0], "test")
     t0 = time.monotonic()
@@ -297,7 +309,8 @@ def test_cli_extract_on_a_kaggle_folder(tiny_weights, tmp_path, capsys):
         dst = comp / "test" / i[0] / i[1] / i[2] / f"{i}.jpg"
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(p, dst)
-    (comp / "sample_submission.csv").write_text("id,landmarks\n" + "".join(f"{i},\n" for i in ids + ["ffff0000aaaa0000"]))
+    listed = ids + ["ffff0000aaaa0000"]  # listed, but no file: a "missing file" failure
+    (comp / "sample_submission.csv").write_text("id,landmarks\n" + "".join(f"{i},\n" for i in listed))
     st = tmp_path / "store"
     rc = main(["extract", "--manifest", str(manifest), "--weights", str(weights), "--images", str(comp),
                "--split", "test", "--store", str(st), "--models", ",".join(THREE), "--workers", "1",
