@@ -343,3 +343,13 @@ def test_cli_help_lists_extract(capsys):
     with pytest.raises(SystemExit):
         main(["extract", "--help"])
     assert "--group-size" in capsys.readouterr().out
+
+
+def test_store_that_is_a_file_is_one_clear_error(entries, tiny_weights, images, tmp_path):
+    f = tmp_path / "store.txt"
+    f.write_text("not a folder")
+    with pytest.raises(KernelError, match="store.txt: cannot create the descriptor store"):
+        _run(entries, tiny_weights, folder_source(images), f, THREE[:1])
+    with pytest.raises(KernelError, match="appears more than once"):
+        recs = folder_source(images)
+        _run(entries, tiny_weights, recs + recs[:1], tmp_path / "s", THREE[:1])
