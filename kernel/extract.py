@@ -397,7 +397,6 @@ class _Run:
             kstore.write_failures(self.store, _failures_name(self.split, self.shard), rows)
             self.written = rows
 
-
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
