@@ -304,7 +304,7 @@ def _npz_ids(path: Path) -> list[str]:
         raise KernelError(f"{path}: cannot read descriptor ids ({type(exc).__name__}: {exc})") from None
 
 
-def _stored_ids(store, model: str, split: str) -> set[str]:
+def stored_ids(store, model: str, split: str) -> set[str]:
     """Ids a model already has for the split: in ``<split>.npz`` and in readable shards (an unreadable
     shard is skipped, as :func:`kernel.store.read_parts` does: its ids are computed again)."""
     done = set()
@@ -327,7 +327,7 @@ def _consolidate(store, model: str, split: str, dtype) -> None:
     if kstore.has_split(store, model, split):
         ids, emb = kstore.load_split(store, model, split, dtype=dtype)
         kstore.write_part(store, model, split, _next_part(store, model, split, PART_RANGE * 999), ids, emb)
-    path = kstore.consolidate(store, model, split, order=sorted(_stored_ids(store, model, split)))
+    path = kstore.consolidate(store, model, split, order=sorted(stored_ids(store, model, split)))
     log.info("%s: wrote %s", model, path)
 
 
@@ -522,7 +522,7 @@ def _prepare_model(store: Path, entry: dict, weights_dir, split: str, dtype: str
     new = {**meta, **_meta_for(entry, sha or meta.get("sha256"), dtype)}
     if new != meta:
         kstore.write_meta(store, name, new)
-    return _stored_ids(store, name, split)
+    return stored_ids(store, name, split)
 
 
 def extract(

@@ -151,7 +151,7 @@ def predict(
 ) -> PredictReport:
     """Run the whole job; see the module docstring. Returns a :class:`PredictReport`."""
     from kernel.data.sources import folder_source, kaggle_split
-    from kernel.extract import extract
+    from kernel.extract import extract, stored_ids
     from kernel.models import load_manifest, select
     from kernel.submission import check_submission, write_submission
 
@@ -213,9 +213,7 @@ def predict(
     common = dict(device=device, batch_size=batch_size, workers=workers, progress=progress)
     # 3. probe: the first test images with every model, to measure this machine
     # a resumed run probes images it has not done yet, so it measures something
-    from kernel.extract import _stored_ids
-
-    done = set.intersection(*[_stored_ids(work, e["name"], "test") for e in entries])
+    done = set.intersection(*[stored_ids(work, e["name"], "test") for e in entries])
     todo = [r for r in test if r.id not in done]
     test = [r for r in test if r.id in done] + todo  # extraction order: finished ones first
     n_probe = min(len(test), len(done) + min(len(todo), probe_images or max(2 * (batch_size or 8), 16)))

@@ -184,7 +184,8 @@ def consolidate(store: str | Path, model: str, split: str, order=None) -> Path:
         sel = [pos[str(k)] for k in order if str(k) in pos]
         ids, emb = ids[sel], emb[sel]
     path = save_split(store, model, split, ids, emb)
-    for p in parts_dir(store, model, split).glob("part-*.npz"):
+    # shards, and temporary files a killed write may have left behind
+    for p in parts_dir(store, model, split).iterdir():
         p.unlink()
     parts_dir(store, model, split).rmdir()
     return path
