@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
