@@ -140,7 +140,16 @@ def _merge_sets(
 SEGMENT = 32
 
 
-def _above(block: torch.Tensor, thr: torch.Tensor | None, k: int, d0: int, strict: bool = True):
+def segment_max(block: torch.Tensor) -> torch.Tensor | None:
+    """Maximum of every ``SEGMENT``-column segment of a block (the trailing partial segment left out)."""
+    full = block.shape[1] // SEGMENT if SEGMENT else 0
+    if full == 0:
+        return None
+    return block[:, : full * SEGMENT].reshape(block.shape[0], full, SEGMENT).amax(dim=2)
+
+
+def _above(block: torch.Tensor, seg_max: torch.Tensor | None, thr: torch.Tensor | None, k: int, d0: int,
+           strict: bool = True):
     """Entries of a score block that can still enter the top ``k``, padded per row (-inf, index -1).
 
     Reads the block once to get the maximum of every ``SEGMENT``-column segment; only segments whose
@@ -152,18 +161,17 @@ def _above(block: torch.Tensor, thr: torch.Tensor | None, k: int, d0: int, stric
     """
     qn, n = block.shape
     w = SEGMENT
-    full = n // w
-    if full == 0 or (thr is None and full < k):
+    if seg_max is None or (thr is None and seg_max.shape[1] < k):
         return None
+    full = seg_max.shape[1]
     segs = block[:, : full * w].reshape(qn, full, w)
-    seg_max = segs.amax(dim=2)
     if thr is None:
         thr, strict = torch.topk(seg_max, k, dim=1, sorted=True).values[:, -1], False
     hit = seg_max > thr[:, None] if strict else seg_max >= thr[:, None]
     r, s = hit.nonzero(as_tuple=True)  # row-major: r ascending
     if r.numel() * w > block.numel() // 4:
         return None
-    vals = segs[r, s]  # (hits, w): whole segments, plain row gathers
+    vals = segs.reshape(-1, w).index_select(0, r * full + s)  # (hits, w): whole segments, row copies
     t = thr[r][:, None]
     kr, kc = ((vals > t) if strict else (vals >= t)).nonzero(as_tuple=True)
     rows, cols, vals = r[kr], s[kr] * w + kc, vals[kr, kc]
@@ -298,13 +306,15 @@ def _search_blocks(q_all, product, score_fn, kk, qc, dc, dev, dt, out_v, out_i, 
                 if single:
                     torch.set_num_threads(threads)
                 block = product(q, d0, d1)
-                if single:
-                    torch.set_num_threads(1)
                 if score_fn is not None:
                     block = score_fn(block, slice(q0, q1), slice(d0, d1))
                 # every row holds k candidates after ``kk`` columns: prune by its k-th value
                 thr = best[0].amin(dim=1) if seen >= kk else None
-                new = _above(block, thr, kk, d0) if SEGMENT and (thr is not None or best is None) else None
+                filtering = thr is not None or best is None
+                seg_max = segment_max(block) if filtering else None  # the one full pass: all threads
+                if single:
+                    torch.set_num_threads(1)
+                new = _above(block, seg_max, thr, kk, d0) if filtering else None
                 if new is None:
                     v, i = _block_candidates(block, kk)
                     new = (v, i + d0)
