@@ -140,19 +140,29 @@ def _merge_sets(
 SEGMENT = 32
 
 
-def segment_max(block: torch.Tensor) -> torch.Tensor | None:
-    """Maximum of every ``SEGMENT``-column segment of a block (the trailing partial segment left out)."""
-    full = block.shape[1] // SEGMENT if SEGMENT else 0
+def segment_width(db_chunk: int, k: int) -> int:
+    """Segment width for blocks of ``db_chunk`` columns: ``SEGMENT``, halved (down to 4) until a block
+    has at least 8 k segments, so that a first block's threshold (the k-th largest segment maximum)
+    leaves few segments to look at. 0 turns the filter off."""
+    w = SEGMENT
+    while w > 4 and db_chunk // w < 8 * k:
+        w //= 2
+    return w
+
+
+def segment_max(block: torch.Tensor, w: int) -> torch.Tensor | None:
+    """Maximum of every ``w``-column segment of a block (the trailing partial segment left out)."""
+    full = block.shape[1] // w if w else 0
     if full == 0:
         return None
-    return block[:, : full * SEGMENT].reshape(block.shape[0], full, SEGMENT).amax(dim=2)
+    return block[:, : full * w].reshape(block.shape[0], full, w).amax(dim=2)
 
 
-def _above(block: torch.Tensor, seg_max: torch.Tensor | None, thr: torch.Tensor | None, k: int, d0: int,
-           strict: bool = True):
+def _above(block: torch.Tensor, seg_max: torch.Tensor | None, w: int, thr: torch.Tensor | None, k: int,
+           d0: int, strict: bool = True):
     """Entries of a score block that can still enter the top ``k``, padded per row (-inf, index -1).
 
-    Reads the block once to get the maximum of every ``SEGMENT``-column segment; only segments whose
+    ``seg_max`` holds the maximum of every ``w``-column segment (:func:`segment_max`); only segments whose
     maximum passes the row's threshold are looked at. With ``thr`` None (a row's first block) the
     threshold is the k-th largest segment maximum, which at least k entries reach, so every entry of the
     top k is kept (``>=``). Later blocks use the current k-th value: an entry equal to it loses the tie
@@ -160,7 +170,6 @@ def _above(block: torch.Tensor, seg_max: torch.Tensor | None, thr: torch.Tensor 
     pay (too many survivors, or fewer segments than ``k``).
     """
     qn, n = block.shape
-    w = SEGMENT
     if seg_max is None or (thr is None and seg_max.shape[1] < k):
         return None
     full = seg_max.shape[1]
@@ -293,6 +302,7 @@ def _search_blocks(q_all, product, score_fn, kk, qc, dc, dev, dt, out_v, out_i, 
     """
     n_q, n_db = q_all.shape[0], product.db.shape[0]
     single = dev.type == "cpu" and threads > 1
+    w = segment_width(dc, kk)
     if single:
         torch.set_num_threads(1)
     with torch.inference_mode():
@@ -311,10 +321,10 @@ def _search_blocks(q_all, product, score_fn, kk, qc, dc, dev, dt, out_v, out_i, 
                 # every row holds k candidates after ``kk`` columns: prune by its k-th value
                 thr = best[0].amin(dim=1) if seen >= kk else None
                 filtering = thr is not None or best is None
-                seg_max = segment_max(block) if filtering else None  # the one full pass: all threads
+                seg_max = segment_max(block, w) if filtering else None  # the one full pass: all threads
                 if single:
                     torch.set_num_threads(1)
-                new = _above(block, seg_max, thr, kk, d0) if filtering else None
+                new = _above(block, seg_max, w, thr, kk, d0) if filtering else None
                 if new is None:
                     v, i = _block_candidates(block, kk)
                     new = (v, i + d0)

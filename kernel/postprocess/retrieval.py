@@ -102,7 +102,7 @@ def sum_ensemble(
     per_model: list[tuple[np.ndarray, np.ndarray]],
     n_index: int,
     n_results: int = N_RESULTS,
-    chunk: int = 256,
+    chunk: int = 2048,
     progress: bool = False,
 ) -> list[np.ndarray]:
     """The 2021 ensemble: sum every index image's score over the models that kept it, best ``n_results``.
@@ -114,7 +114,8 @@ def sum_ensemble(
 
     Returns:
         For every query, the index rows of its best ``n_results`` summed scores (fewer when fewer were
-        kept by any model), best first; equal sums by ascending index row.
+        kept by any model), best first; equal sums by ascending index row. Sums are float64, added in
+        model order.
     """
     if not per_model:
         return []
@@ -122,20 +123,23 @@ def sum_ensemble(
     out: list[np.ndarray] = []
     for q0 in tqdm(range(0, n_q, chunk), desc="ensemble", disable=not progress, leave=False):
         q1 = min(n_q, q0 + chunk)
-        total = torch.zeros(q1 - q0, n_index + 1, dtype=torch.float64)  # last column: sink for "-1"
-        seen = torch.zeros(q1 - q0, n_index + 1, dtype=torch.bool)
-        for scores, rows in per_model:
-            r = torch.as_tensor(rows[q0:q1], dtype=torch.int64)
-            r = torch.where(r >= 0, r, n_index)
-            total.scatter_add_(1, r, torch.as_tensor(scores[q0:q1], dtype=torch.float64))
-            seen.scatter_(1, r, True)
-        seen[:, n_index] = False
-        total[~seen] = -math.inf
-        k = min(n_results, n_index)
-        vals, idx = search.block_topk(total[:, :n_index], k) if n_index else (None, None)
-        counts = seen.sum(dim=1).clamp(max=k).tolist()
-        for j in range(q1 - q0):
-            out.append(idx[j, : counts[j]].numpy() if n_index else np.zeros(0, np.int64))
+        rows = torch.cat([torch.as_tensor(r[q0:q1], dtype=torch.int64) for _, r in per_model], dim=1)
+        vals = torch.cat([torch.as_tensor(v[q0:q1], dtype=torch.float64) for v, _ in per_model], dim=1)
+        valid = rows >= 0
+        query = torch.arange(q1 - q0)[:, None].expand_as(rows)
+        # one key per (query, index row): sorted unique keys group a query's rows, index ascending
+        keys, inverse = torch.unique(query[valid] * (n_index + 1) + rows[valid], return_inverse=True)
+        sums = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, inverse, vals[valid])
+        q_of, i_of = keys // (n_index + 1), keys % (n_index + 1)
+        counts = torch.bincount(q_of, minlength=q1 - q0)
+        width = max(int(counts.max()) if len(keys) else 0, 1)
+        slot = torch.arange(len(keys)) - (torch.cumsum(counts, 0) - counts)[q_of]
+        padded = torch.full((q1 - q0, width), -math.inf, dtype=torch.float64)
+        index = torch.full((q1 - q0, width), n_index, dtype=torch.int64)
+        padded[q_of, slot], index[q_of, slot] = sums, i_of
+        _, best = search.select_topk(padded, index, min(n_results, width))
+        for j, c in enumerate(counts.clamp(max=n_results).tolist()):
+            out.append(best[j, :c].numpy())
     return out
 
 
