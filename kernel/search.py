@@ -180,7 +180,10 @@ def _above(block: torch.Tensor, seg_max: torch.Tensor | None, w: int, thr: torch
     r, s = hit.nonzero(as_tuple=True)  # row-major: r ascending
     if r.numel() * w > block.numel() // 4:
         return None
-    vals = segs.reshape(-1, w).index_select(0, r * full + s)  # (hits, w): whole segments, row copies
+    if n == full * w:  # (hits, w): whole segments, as row copies of a (rows * segments, w) view
+        vals = segs.view(-1, w).index_select(0, r * full + s)
+    else:  # a partial last segment: that view would be a copy of the block
+        vals = segs[r, s]
     t = thr[r][:, None]
     kr, kc = ((vals > t) if strict else (vals >= t)).nonzero(as_tuple=True)
     rows, cols, vals = r[kr], s[kr] * w + kc, vals[kr, kc]
@@ -204,12 +207,11 @@ def _above(block: torch.Tensor, seg_max: torch.Tensor | None, w: int, thr: torch
 def chunk_sizes(n_query: int, n_db: int, k: int, device: torch.device, block_elements: int | None = None):
     """(query_chunk, db_chunk) for a score block of about ``block_elements`` floats.
 
-    Database blocks are wide (16 Ki columns on a CPU, 64 Ki on a GPU, and at least 2 (k+1) segments) so
-    the per-block selection is cheap next to the matrix product; the query chunk fills the budget.
+    Database blocks are wide (16 Ki columns on a CPU, 64 Ki on a GPU, and at least 64 (k + 1)) so the
+    per-block selection is cheap next to the matrix product; the query chunk fills the budget.
     """
     budget = block_elements or (GPU_BLOCK_ELEMENTS if device.type == "cuda" else CPU_BLOCK_ELEMENTS)
-    # at least 2 (k + 1) segments, so a first block can take its threshold from the segment maxima
-    db_chunk = max(2 * max(SEGMENT, 8) * (k + 1), 65536 if device.type == "cuda" else 16384)
+    db_chunk = max(64 * (k + 1), 65536 if device.type == "cuda" else 16384)
     db_chunk = max(1, min(db_chunk, n_db))
     query_chunk = max(1, min(n_query, budget // db_chunk))
     if query_chunk == n_query and n_db > db_chunk:  # few queries: widen the database block instead
