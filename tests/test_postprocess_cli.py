@@ -1,6 +1,5 @@
 """``python -m kernel postprocess`` and ``validate`` end to end on small synthetic stores, and bad input."""
 import json
-import shutil
 
 import numpy as np
 import pytest

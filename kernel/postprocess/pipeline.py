@@ -21,7 +21,7 @@ from kernel import search, store
 from kernel.errors import KernelError
 from kernel.postprocess import recognition as rec
 from kernel.postprocess import retrieval as ret
-from kernel.postprocess.knn import encode_labels, knn_labels
+from kernel.postprocess.knn import knn_labels
 
 logger = logging.getLogger(__name__)
 
