@@ -243,7 +243,7 @@ def topk(
     query_chunk: int | None = None,
     db_chunk: int | None = None,
     block_elements: int | None = None,
-    prefilter: str = "auto",
+    prefilter: str | None = None,
     progress: bool = False,
     desc: str = "search",
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -261,7 +261,8 @@ def topk(
             rescores in float32 only the rows a rigorous error bound keeps (same exact result, faster where
             the CPU has bfloat16 dot products), ``"off"`` never, ``"auto"`` (default) when this CPU's
             bfloat16 products are measurably faster and the search has at least
-            ``PREFILTER_MIN_PAIRS`` pairs.
+            ``PREFILTER_MIN_PAIRS`` pairs. ``None``: ``DEFAULT_PREFILTER`` (``"auto"``; the
+            ``postprocess`` command's ``--search-prefilter`` sets it).
         progress: show a tqdm bar over query chunks.
 
     Returns:
@@ -284,7 +285,7 @@ def topk(
         return out_v, out_i
     qc, dc = chunk_sizes(n_q, n_db, kk, dev, block_elements)
     qc, dc = query_chunk or qc, db_chunk or dc
-    bf16 = _use_prefilter(prefilter, dev, dt, score_fn, n_q, n_db, kk)
+    bf16 = _use_prefilter(prefilter or DEFAULT_PREFILTER, dev, dt, score_fn, n_q, n_db, kk)
     product = None if bf16 else _Product(db, dev, dt, qc, dc)
     bar = tqdm(total=n_q, desc=desc, unit="q", disable=not progress, leave=False)
     threads = torch.get_num_threads()
@@ -366,6 +367,8 @@ def _search_blocks(q_all, product, score_fn, kk, qc, dc, dev, dt, out_v, out_i, 
 # bfloat16 product is really faster.
 
 PREFILTER_MIN_PAIRS = 1 << 22  # below this many (query, row) pairs the float32 search is as fast
+PREFILTERS = ("auto", "bf16", "off")
+DEFAULT_PREFILTER = "auto"  # what topk(prefilter=None) uses
 _BF16_U = 2.0**-8
 _BF16_C = _BF16_U / (1 - _BF16_U)
 _bf16_state: dict[str, bool] = {}
@@ -415,7 +418,7 @@ def _calibrate_bf16() -> bool:
 
 def _use_prefilter(prefilter: str, dev: torch.device, dt: torch.dtype, score_fn, n_q: int, n_db: int,
                    k: int) -> bool:
-    if prefilter not in ("auto", "bf16", "off"):
+    if prefilter not in PREFILTERS:
         raise ValueError(f"prefilter must be 'auto', 'bf16' or 'off', got {prefilter!r}")
     if prefilter == "off" or dev.type != "cpu" or dt != torch.float32 or score_fn is not None or k >= n_db:
         return False

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from kernel import metrics, store, submission, synthetic
+from kernel import metrics, search, store, submission, synthetic
 from kernel.cli import main
 
 MODELS = ["dolg_effnet_b5_768", "hybrid_b3_swin224_896", "effnet_b6_512"]
@@ -55,6 +55,26 @@ def test_retrieval_postprocess_then_validate(capsys, retrieval, tmp_path, rerank
     assert result["score"] == pytest.approx(metrics.map_at_k(preds, {**sol["Public"], **sol["Private"]}))
     assert result["metric"] == "mAP@100" and result["score"] > 0.3
     assert result["scored"] == 40 and result["ignored"] == 10
+
+
+@pytest.mark.parametrize("track", ["retrieval", "recognition"])
+def test_search_prefilter_gives_the_same_submission(capsys, retrieval, recognition, tmp_path, track):
+    paths = retrieval if track == "retrieval" else recognition
+    files = {}
+    for mode in ("off", "bf16"):
+        files[mode] = tmp_path / f"{mode}.csv"
+        code, _, err = postprocess(capsys, paths, track, files[mode], "--search-prefilter", mode)
+        assert code == 0, err
+    off, bf16 = (submission.read_submission(track, files[m]) for m in ("off", "bf16"))
+    assert off.keys() == bf16.keys()
+    if track == "retrieval":
+        assert off == bf16
+    else:  # same labels; confidences from float32 sums that differ only in rounding
+        for key, pred in off.items():
+            assert (pred is None) == (bf16[key] is None)
+            if pred is not None:
+                assert pred[0] == bf16[key][0] and pred[1] == pytest.approx(bf16[key][1], abs=1e-5)
+    assert search.DEFAULT_PREFILTER == "bf16"  # the flag reached the search
 
 
 def test_recognition_with_broken_image_and_partial_model(capsys, recognition, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 
-from kernel import submission
+from kernel import search, submission
 from kernel.postprocess import pipeline
 
 logger = logging.getLogger(__name__)
@@ -21,6 +21,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rerank", default="soft", choices=list(pipeline.RERANKS),
                         help="retrieval re-ranking (default: soft, the 2021 solution)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--search-prefilter", default="auto", choices=list(search.PREFILTERS),
+                        help="CPU k-NN: score in bfloat16, rescore the candidates in float32 (same exact result; "
+                             "auto: where this CPU has fast bfloat16 products; off: float32 throughout)")
     g = parser.add_argument_group("constants (SPEC section 4; defaults are the papers' values)")
     g.add_argument("--knn-k", type=int, default=None, help="neighbours of the k-NN label (3)")
     g.add_argument("--down-weight", type=float, default=None, help="soft re-ranking down-weight (0.1)")
@@ -38,6 +41,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     progress = not args.no_progress
+    search.DEFAULT_PREFILTER = args.search_prefilter
     if args.track == "retrieval":
         params = dict(knn_k=args.knn_k, down_weight=args.down_weight, soft_keep=args.soft_keep,
                       n_results=args.n_results, insert_threshold=args.insert_threshold,
