@@ -11,7 +11,9 @@ exhaustive search:
   P100's fp16 units) and the block scores are turned to float32 before any further arithmetic, so the
   result equals an exhaustive search over the float16 similarities;
 * ties are broken deterministically: equal scores are ordered by ascending database position, and when
-  equal scores straddle the k-th place the lowest positions are the ones kept.
+  equal scores straddle the k-th place the lowest positions are the ones kept;
+* on CPUs with fast bfloat16 products, plain searches score in bfloat16 and rescore in float32 only the
+  rows a rigorous error bound keeps: the same float32 answer (the "bfloat16 prefilter" section below).
 
 ``score_fn`` lets a caller turn raw similarities into its own score before the selection (the soft
 up/down re-ranking adds a per-pair bonus, the non-landmark post-processing clips and subtracts a per-row
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from typing import Callable
 
@@ -161,6 +164,18 @@ def segment_max(block: torch.Tensor, w: int) -> torch.Tensor | None:
     if full == 0:
         return None
     return block[:, : full * w].view(block.shape[0], w, full).amax(dim=1)
+
+
+def _pad_rows(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, qn: int, dtype: torch.dtype):
+    """(rows ascending, cols, vals) entries as per-row padded arrays (value -inf, index -1)."""
+    counts = torch.bincount(rows, minlength=qn)
+    width = max(int(counts.max()) if rows.numel() else 0, 1)
+    slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    out_v = torch.full((qn, width), -math.inf, dtype=dtype, device=rows.device)
+    out_i = torch.full((qn, width), -1, dtype=torch.int64, device=rows.device)
+    out_v[rows, slot] = vals
+    out_i[rows, slot] = cols
+    return out_v, out_i
 
 
 def _above(block: torch.Tensor, seg_max: torch.Tensor | None, w: int, thr: torch.Tensor | None, k: int,
@@ -390,8 +405,6 @@ def bf16_prefilter_available() -> bool:
 
 
 def _calibrate_bf16() -> bool:
-    import time
-
     g = torch.Generator().manual_seed(0)
     a = torch.randn(512, 512, generator=g)
     b = torch.randn(8192, 512, generator=g)
@@ -454,6 +467,11 @@ class _Bf16Database:
         return e * (1 + 1e-6) + 1e-30  # margin for the float64 norms and products themselves
 
 
+def _kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of every row (-inf pads count as values)."""
+    return torch.topk(x, k, dim=1, sorted=False).values.amin(dim=1)
+
+
 def _band_threshold(kth: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """Lowest block score that can still reach the top k: hi^-1(lo(kth) - 2E), rounded down to float32."""
     t = kth.double()
@@ -461,18 +479,6 @@ def _band_threshold(kth: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     thr = torch.where(y >= 0, y / (1 + _BF16_C), y / (1 - _BF16_C))
     thr = thr - 1e-7 * (thr.abs() + 1e-30)  # float64 -> float32 rounding can only lower it
     return torch.where(torch.isfinite(t), thr, torch.full_like(thr, -math.inf)).float()
-
-
-def _pad_rows(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, qn: int, dtype: torch.dtype):
-    """(rows ascending, cols, vals) entries as per-row padded arrays (value -inf, index -1)."""
-    counts = torch.bincount(rows, minlength=qn)
-    width = max(int(counts.max()) if rows.numel() else 0, 1)
-    slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
-    out_v = torch.full((qn, width), -math.inf, dtype=dtype, device=rows.device)
-    out_i = torch.full((qn, width), -1, dtype=torch.int64, device=rows.device)
-    out_v[rows, slot] = vals
-    out_i[rows, slot] = cols
-    return out_v, out_i
 
 
 def _at_least(block: torch.Tensor, thr: torch.Tensor, d0: int):
@@ -493,8 +499,7 @@ def _merge_band(cur, new, k: int, e: torch.Tensor, prune_width: int):
     i = new[1] if cur is None else torch.cat([cur[1], new[1]], 1)
     if v.shape[1] < k or v.shape[1] <= prune_width:
         return (v, i), None
-    kth = torch.topk(v, k, dim=1, sorted=False).values.amin(dim=1)
-    thr = _band_threshold(kth, e)
+    thr = _band_threshold(_kth_largest(v, k), e)
     keep = v >= thr[:, None]
     if bool(keep.all()):
         return (v, i), thr
@@ -514,20 +519,25 @@ def _rescore(q: torch.Tensor, db: torch.Tensor, idx: torch.Tensor, k: int):
     ids = idx[rows, cols]
     _, order = torch.sort(rows * n_db + ids)  # CSR: rows ascending, columns ascending within a row
     rows, ids = rows[order], ids[order]
-    counts = torch.bincount(rows, minlength=qn)
     crow = torch.zeros(qn + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=crow[1:])
+    torch.cumsum(torch.bincount(rows, minlength=qn), 0, out=crow[1:])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta" and invariant checks
         pattern = torch.sparse_csr_tensor(crow, ids, torch.zeros(ids.numel()), size=(qn, n_db))
         f = torch.sparse.sampled_addmm(pattern, q, db.T, beta=0.0).values()
-    width = int(counts.max())
-    slot = torch.arange(ids.numel()) - crow[:-1][rows]
-    scores = torch.full((qn, width), -math.inf, dtype=torch.float32)
-    cand = torch.full((qn, width), -1, dtype=torch.int64)
-    scores[rows, slot] = f
-    cand[rows, slot] = ids
+    scores, cand = _pad_rows(rows, ids, f, qn, torch.float32)
     return select_topk(scores, cand, k)
+
+
+def _first_threshold(block: torch.Tensor, seg_max: torch.Tensor | None, k: int, e: torch.Tensor):
+    """A query chunk's first band threshold, from its first block (``None`` when it has fewer than k
+    columns): k segments reach the k-th largest segment maximum, so that is a lower bound on the k-th
+    largest score."""
+    if seg_max is not None and seg_max.shape[1] >= k:
+        return _band_threshold(_kth_largest(seg_max, k), e)
+    if block.shape[1] >= k:
+        return _band_threshold(_kth_largest(block, k), e)
+    return None
 
 
 def _search_blocks_bf16(q_all, bdb: _Bf16Database, kk, qc, dc, out_v, out_i, bar, threads) -> None:
@@ -551,12 +561,8 @@ def _search_blocks_bf16(q_all, bdb: _Bf16Database, kk, qc, dc, out_v, out_i, bar
                 seg_max = segment_max(block, w)
                 if single:
                     torch.set_num_threads(1)
-                if thr is not None:
-                    pass
-                elif seg_max is not None and seg_max.shape[1] >= kk:  # k segments reach their k-th maximum
-                    thr = _band_threshold(torch.topk(seg_max, kk, dim=1, sorted=False).values.amin(dim=1), e)
-                elif block.shape[1] >= kk:
-                    thr = _band_threshold(torch.topk(block, kk, dim=1, sorted=False).values.amin(dim=1), e)
+                if thr is None:
+                    thr = _first_threshold(block, seg_max, kk, e)
                 new = _above(block, seg_max, w, thr, kk, d0, strict=False) if thr is not None else None
                 if new is None:
                     new = _at_least(block, thr if thr is not None else torch.full((q1 - q0,), -math.inf), d0)
