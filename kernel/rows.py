@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import struct
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kernel.errors import KernelError
 
@@ -161,9 +163,17 @@ class SplitRows(Rows):
         return out
 
     def _read(self, sel) -> np.ndarray:
+        """Rows ``sel`` (a slice, or sorted positions) in float32."""
         if self.memory is not None:
             return self.memory[sel].astype(np.float32)
         offset, dtype, shape = self.layout
+        if isinstance(sel, slice):  # contiguous rows: one positioned read, nothing mapped
+            buf = np.empty((sel.stop - sel.start, shape[1]), dtype)
+            with open(self.path, "rb", buffering=0) as fh:
+                got = os.preadv(fh.fileno(), [memoryview(buf).cast("B")], offset + sel.start * buf.itemsize * shape[1])
+            if got != buf.nbytes:
+                raise KernelError(f"{self.path}: truncated descriptor file (rows {sel.start}-{sel.stop})")
+            return buf.astype(np.float32)
         mm = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
         try:
             return mm[sel].astype(np.float32)  # a copy: the mapping is dropped with ``mm``
@@ -210,8 +220,9 @@ class FamilyRows(Rows):
                 acc += rows.block(r0, r1)
             acc /= len(fam)
             off += d
-        if self.normalize:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        if self.normalize:  # torch's norm, as kernel.postprocess.recognition.family_descriptors: same bits
+            t = torch.from_numpy(out)
+            t /= t.norm(dim=1, keepdim=True).clamp(min=1e-12)
         return out
 
 
