@@ -148,6 +148,7 @@ class SplitRows(Rows):
     def aligned_to(self, ref_ids: np.ndarray, ref_name: str) -> "SplitRows":
         """These rows in the order of ``ref_ids`` (the id sets must be equal); no copy of the data."""
         if len(ref_ids) == len(self.ids) and np.array_equal(ref_ids, self.ids):
+            self.ids = ref_ids  # one copy of the ids for all the models
             return self
         import pandas as pd
 
