@@ -10,12 +10,14 @@ from disk and read a row range at a time. Every object here is a :class:`Rows`: 
 * :class:`SplitRows` - ``STORE/<model>/<split>.npz`` read from disk, block by block (a compressed or
   otherwise unmappable file is read whole, in its stored dtype, with a warning);
 * :class:`FamilyRows` - the recognition descriptor (per-family mean of the models, concatenated,
-  L2-normalised; docs/postprocessing.md) computed block by block from the models' splits;
+  L2-normalised, :mod:`kernel.postprocess.recognition`) computed block by block from the models' splits;
 * :class:`EnsembleRows` - the two-stage ensemble descriptor (the models concatenated, scaled by
   1/sqrt(M)) computed block by block.
 
 A block that holds NaN/inf raises :class:`KernelError` naming the file and the first bad id.
-Mapped pages are released after every block, so reading a whole split leaves nothing resident.
+Contiguous rows are read with one positioned read (nothing mapped); rows in another order through a
+mapping dropped after every block, so reading a whole split leaves nothing resident. docs/scale.md
+explains the memory budget this serves.
 """
 from __future__ import annotations
 
