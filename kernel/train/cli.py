@@ -37,14 +37,25 @@ def add_fit(p) -> None:
     p.add_argument("--train-csv", default=None, help="label CSV instead of the step's named data set")
     p.add_argument("--manifest", default=None, help="weights_manifest.json with the architecture (default: the repo's)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a step field (repeatable)")
-    p.add_argument("--val-fraction", type=float, default=0.02, help="images per class held out for validation")
+    p.add_argument("--val-fraction", type=float, default=0.02,
+                   help="hold out floor(F x n) images of every class of n images for validation (classes under "
+                        "1/F images keep all theirs; margins still count the whole list); 0: train on all")
     p.add_argument("--val-csv", default=None,
-                   help="validate on these labelled images (id,landmark_id) instead of a held-out part")
+                   help="validate on these labelled images instead of a held-out part: id,landmark_id, or the "
+                        "2019 test set's id,landmarks,Usage (recognition_solution_v2.1.csv, as the 2021 configs)")
     p.add_argument("--val-images", default=None, help="image folder of --val-csv (default: --images)")
-    p.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across GPUs")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="synchronised BatchNorm across GPUs (default: the recipe's sync_bn)")
+    p.add_argument("--scale-lr", action="store_true",
+                   help="on another GPU count than the recipe's, scale lr linearly with the images per step")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="MIN",
+                   help="minutes a rank may wait at a collective (default 120; PyTorch's own is 10)")
+    p.add_argument("--random-init", action="store_true",
+                   help="allow parts the original starts pretrained to start from random weights")
     p.add_argument("--val-before", action="store_true", help="validate once before training")
     p.add_argument("--imagenet", action="store_true",
-                   help="load timm ImageNet weights first (timm's cache); parts new in this step start pretrained")
+                   help="load timm ImageNet weights first (timm's local cache, nothing is downloaded); needed by "
+                        "every step whose pretrained parts the previous step does not hold")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
@@ -54,7 +65,7 @@ def add_fit(p) -> None:
 def run_fit(args) -> int:
     from pathlib import Path
 
-    from kernel.train.data import holdout, load_named, read_labels
+    from kernel.train.data import holdout, load_named, read_labels, read_val_labels
     from kernel.train.fit import StepRun
     from kernel.train.recipes import resolve_step
 
@@ -66,13 +77,15 @@ def run_fit(args) -> int:
     step = resolve_step(args.recipe, args.step, entries, _parse_set(args.set))
     df = read_labels(args.train_csv) if args.train_csv else load_named(args.data, step["data"])
     if args.val_csv:
-        train_df, val_df = df, read_labels(args.val_csv)
+        train_df, val_df = df, read_val_labels(args.val_csv)
     else:
         train_df, val_df = holdout(df, args.val_fraction, seed=args.seed)
     out = Path(args.out) / f"step{args.step}"
     run = StepRun(step, train_df, val_df, args.images or Path(args.data) / "train", out, init_path=args.init,
                   resume=args.resume, device=args.device, workers=args.workers, imagenet=args.imagenet,
-                  precision=args.precision, seed=args.seed, val_root=args.val_images, sync_bn=args.sync_bn)
+                  precision=args.precision, seed=args.seed, val_root=args.val_images, sync_bn=args.sync_bn,
+                  random_init=args.random_init, margin_labels=df["landmark_id"], scale_lr=args.scale_lr,
+                  dist_timeout_min=args.dist_timeout)
     hist = run.run(validate_before=args.val_before)
     if run.env.main and hist:
         print(json.dumps({"model": str(out / "model.pth"), **hist[-1]}))
