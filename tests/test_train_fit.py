@@ -31,7 +31,7 @@ def _fit(data, out, manifest, step, *extra):
     return main(["fit", "--recipe", "effnet_b6_512", "--step", str(step), "--data", str(data), "--images", str(data),
                  "--out", str(out), "--manifest", str(manifest), "--workers", "0", "--val-fraction", "0.5",
                  "--set", "image_size=32", "--set", "batch_size=8", "--set", "epochs=2", "--set", "stop_at=null",
-                 *extra])
+                 "--random-init", *extra])
 
 
 def test_fit_steps_chain_and_load_into_the_kernel(views, tiny_weights, tmp_path, capsys):
@@ -78,7 +78,8 @@ def test_nan_guard_stops_a_diverged_run(views, tiny_weights, tmp_path, monkeypat
     data, df = views
     _, manifest = tiny_weights
     step = resolve_step("effnet_b6_512", 1, load_manifest(manifest), {"image_size": 32, "batch_size": 8})
-    run = StepRun(step, df, df.iloc[:0], data, tmp_path / "nan", workers=0, progress=False, device="cpu")
+    run = StepRun(step, df, df.iloc[:0], data, tmp_path / "nan", workers=0, progress=False, device="cpu",
+                  random_init=True)
     monkeypatch.setattr(fitmod, "MAX_BAD_STEPS", 3)
     run.loss_fn = lambda logits, y: logits.sum() * float("nan")
     before = {k: v.clone() for k, v in run.net.state_dict().items()}
@@ -101,15 +102,29 @@ def test_lr_schedule():
     assert math.isfinite(lr_factor(10 ** 6, p, 100))
 
 
-def test_hybrid_chain_swin_step_then_frozen_embedding_step(views, tiny_weights, tmp_path):
+def test_hybrid_chain_swin_step_then_frozen_embedding_step(views, tiny_weights, tmp_path, capsys):
     data, _ = views
     _, manifest = tiny_weights
     out = tmp_path / "hyb"
     args = ["fit", "--recipe", "hybrid_b6_swin384_384", "--data", str(data), "--images", str(data), "--out", str(out),
             "--manifest", str(manifest), "--workers", "0", "--val-fraction", "0.5", "--set", "image_size=64",
             "--set", "batch_size=8", "--set", "data=\"gldv2\""]
-    assert main(args + ["--step", "1", "--set", "epochs=1"]) == 0
-    assert main(args + ["--step", "2"]) == 0
+    # step 1 starts from ImageNet in the recipe: without --imagenet it refuses, naming the Swin's tensors
+    assert main(args + ["--step", "1", "--set", "epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert "step 1 needs pretrained weights" in err and "backbone.layers" in err and "--random-init" in err
+    assert main(args + ["--step", "1", "--set", "epochs=1", "--random-init"]) == 0
+    # step 2 swaps in the EfficientNet embedder: step 1 cannot provide it and nothing else does -> refused
+    assert main(args + ["--step", "2"]) == 2
+    err = capsys.readouterr().err
+    n_embedder = sum(1 for k in build_model(dict(next(e for e in load_manifest(manifest)
+                                                     if e["name"] == "hybrid_b6_swin384_384"))).state_dict()
+                     if k.startswith("backbone.patch_embed.backbone.") and not k.endswith("num_batches_tracked"))
+    assert f"needs pretrained weights that nothing provides: {n_embedder} tensors" in err
+    assert "backbone.patch_embed.backbone." in err and "patch_embed.proj" not in err.split("e.g.")[1]
+    assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    assert not (out / "step2" / "model.pth").exists()
+    assert main(args + ["--step", "2", "--random-init"]) == 0
     s1 = torch.load(out / "step1" / "model.pth", weights_only=True)
     s2 = torch.load(out / "step2" / "model.pth", weights_only=True)
     assert s1["arch"]["family"] == "swin" and s2["arch"]["family"] == "hybrid"
@@ -120,6 +135,36 @@ def test_hybrid_chain_swin_step_then_frozen_embedding_step(views, tiny_weights, 
     init = fresh.state_dict()["backbone.patch_embed.proj.weight"]
     assert not torch.equal(s2["model"]["backbone.patch_embed.proj.weight"], init)  # the embedding trained
     load_weights(fresh, out / "step2" / "model.pth")
+
+
+def test_block_insertion_step_names_the_inserted_block(views, tiny_weights, tmp_path, capsys):
+    """Hybrid step 4 adds one EfficientNet block to the embedder: step 3's checkpoint lacks it."""
+    data, _ = views
+    _, manifest = tiny_weights
+    out = tmp_path / "b3"
+    args = ["fit", "--recipe", "hybrid_b3_swin224_896", "--data", str(data), "--images", str(data), "--out", str(out),
+            "--manifest", str(manifest), "--workers", "0", "--val-fraction", "0.5", "--set", "batch_size=8",
+            "--set", "data=\"gldv2\"", "--set", "epochs=1", "--set", "stop_at=null"]
+    entry = next(e for e in load_manifest(manifest) if e["name"] == "hybrid_b3_swin224_896")
+    # step 3 runs one embedder level lower at half the size (the same token grid); its model, saved as step 3's
+    # output (the tiny preset's final level is 2, so step 3 is level 1)
+    size3, level3 = entry["image_size"] // 2, entry["feature_level"] - 1
+    from kernel.train import checkpoint as ckpt
+    from kernel.train.data import ClassMap
+    from kernel.train.nets import attach_head, build_net
+
+    net = attach_head(build_net(dict(entry, image_size=size3, feature_level=level3)), 13)
+    classes = ClassMap(range(13))
+    (out / "step3").mkdir(parents=True)
+    ckpt.atomic_save(ckpt.model_record(net, classes, arch=dict(entry, feature_level=level3)),
+                     out / "step3" / "model.pth")
+    assert main(args + ["--step", "4", "--set", f"image_size={entry['image_size']}",
+                        "--set", f"feature_level={entry['feature_level']}"]) == 2
+    err = capsys.readouterr().err
+    have = set(net.state_dict())
+    new = [k for k in build_net(entry).state_dict() if k.startswith("backbone.patch_embed.backbone.")
+           and k not in have and not k.endswith("num_batches_tracked")]
+    assert new and f"nothing provides: {len(new)} tensors" in err and new[0] in err
 
 
 def test_retrieval2020_softmax_and_cutmix_steps(views, tmp_path):
@@ -144,7 +189,7 @@ def test_fit_with_a_separate_validation_csv(views, tiny_weights, tmp_path, capsy
     rc = main(["fit", "--recipe", "effnet_b6_512", "--step", "1", "--data", str(data), "--images", str(data),
                "--train-csv", str(data / "train_clean.csv"), "--val-csv", str(tmp_path / "val.csv"),
                "--out", str(tmp_path / "v"), "--manifest", str(manifest), "--workers", "0",
-               "--set", "image_size=32", "--set", "batch_size=8", "--set", "epochs=1"])
+               "--set", "image_size=32", "--set", "batch_size=8", "--set", "epochs=1", "--random-init"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["n_val"] == 26 and res["n_queries"] == 26

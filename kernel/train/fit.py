@@ -356,6 +356,23 @@ class StepRun:
                         "(--random-init)", step["recipe"], step["step"], len(missing))
         return None
 
+    def _init_from(self, path, init: dict):
+        """Load the model.pth of the step ``init`` names (or ``path``); returns the transfer report."""
+        if path is None:
+            path = self.out.parent / f"step{init['step']}" / "model.pth"
+        path = Path(path)
+        if not path.is_file():
+            raise KernelError(f"{path}: step {self.step['step']} starts from step {init.get('step')}'s "
+                              "model.pth; train that step first or pass --init FILE")
+        rec = ckpt.load_record(path)
+        family = rec.get("arch", {}).get("family", self.net.family)
+        sd = ckpt.from_original(rec["model"], family)
+        pop = list(init.get("pop", []))
+        if rec.get("class_map") != self.class_map.landmark_ids:
+            pop.append(ckpt_head_key(self.net) + ".")
+            log.info("%s: other classes than this step's data: its training head is not loaded", path)
+        return ckpt.transfer(self.net, sd, pop=pop, min_fraction=0.3, what=f"init from {path}")
+
     # ------------------------------------------------------------------ loop
     def _forward_loss(self, x, y):
         step = self.step

@@ -155,11 +155,12 @@ def pretrained_tensors(net: nn.Module) -> list[str]:
 
 
 def describe_missing(names: list[str], limit: int = 4) -> str:
-    """``"38 tensors: 38 under backbone.patch_embed.backbone.blocks (…first names…)"``, grouped by module."""
+    """``"38 tensors (38 under backbone.patch_embed.backbone), e.g. ..."``: grouped by their first three
+    name components, largest groups first."""
     groups: dict[str, list[str]] = {}
     for n in names:
         parts = n.split(".")
-        groups.setdefault(".".join(parts[:min(len(parts) - 1, 5)]), []).append(n)
+        groups.setdefault(".".join(parts[:min(len(parts) - 1, 3)]), []).append(n)
     top = sorted(groups.items(), key=lambda kv: -len(kv[1]))
     shown = "; ".join(f"{len(v)} under {k}" for k, v in top[:limit])
     more = f"; {len(top) - limit} more groups" if len(top) > limit else ""
