@@ -274,8 +274,11 @@ class StepRun:
         self.net.to(self.env.device)
         self.trainee = Trainee(self.net)
         if self.env.world > 1:
-            if step["sync_bn"] if sync_bn is None else sync_bn:
+            if (step["sync_bn"] if sync_bn is None else sync_bn) and self.env.device.type == "cuda":
                 self.trainee = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.trainee)
+            elif step["sync_bn"] if sync_bn is None else sync_bn:
+                log.warning("SyncBatchNorm needs GPUs: BatchNorm statistics stay per process on %s",
+                            self.env.device)
             self.trainee = torch.nn.parallel.DistributedDataParallel(
                 self.trainee, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
                 find_unused_parameters=bool(step["train_only"]))
@@ -351,7 +354,7 @@ class StepRun:
                 f"{step['recipe']} step {step['step']} needs pretrained weights that nothing provides: "
                 f"{describe_missing(missing)}. Pass --imagenet (timm's ImageNet weights, from its local cache) "
                 "so they start pretrained as in the original, or --random-init to train them from random init")
-        if missing:
+        if missing and step["init"] != "random":
             log.warning("%s step %d: %d tensors that the original starts pretrained start from random init "
                         "(--random-init)", step["recipe"], step["step"], len(missing))
         return None
