@@ -11,7 +11,7 @@ from kernel.errors import KernelError
 from kernel.models import build_model, load_manifest, load_weights
 from kernel.train import fit as fitmod
 from kernel.train.cli import main
-from kernel.train.fit import StepRun, lr_factor
+from kernel.train.fit import StepRun, check_gpu_count, lr_factor
 from kernel.train.recipes import resolve_step
 from kernel.train.smoke import make_views
 
@@ -194,3 +194,38 @@ def test_fit_with_a_separate_validation_csv(views, tiny_weights, tmp_path, capsy
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["n_val"] == 26 and res["n_queries"] == 26
     assert len(pd.read_csv(tmp_path / "v" / "step1" / "class_map.csv")) == 10  # classes = training landmarks
+
+
+def test_the_2020_schedule_is_stepped_per_epoch_as_train_py():
+    """haqishen train.py, B3 step 2 (--init-lr 5e-5, --n-epochs 5): GradualWarmupSchedulerV2(multiplier 10,
+    total_epoch 1) then CosineAnnealingWarmRestarts(T_0=4), stepped with step(epoch - 1) at each epoch's start.
+    Per epoch: 5e-5, 5e-4, 5e-4 (the after-scheduler's first value is its start), 5e-4 (1 + cos(2 pi/4))/2,
+    5e-4 (1 + cos(3 pi/4))/2."""
+    s = resolve_step("effnet_b3_768", 3)
+    assert s["lr"] == pytest.approx(5e-4)
+    want = [5e-5, 5e-4, 5e-4, 2.5e-4, 5e-4 * (1 - math.sqrt(0.5)) / 2]
+    ipe = 7
+    for epoch, lr in enumerate(want):
+        for it in (epoch * ipe, epoch * ipe + 3, epoch * ipe + ipe - 1):  # constant within an epoch
+            assert s["lr"] * lr_factor(it, s, ipe) == pytest.approx(lr, rel=1e-9), (epoch + 1, it)
+
+
+def test_gpu_count_warning_and_linear_scaling(caplog):
+    s = resolve_step("dolg_effnet_b7_448_s1", 2)  # 8 GPUs x 20 images
+    assert check_gpu_count(s, 8) == s["lr"] and not caplog.records
+    with caplog.at_level("WARNING"):
+        assert check_gpu_count(s, 2) == s["lr"]
+    msg = caplog.records[-1].getMessage()
+    assert "8 GPUs (160 images per optimiser step)" in msg and "on 2 (40 images)" in msg
+    assert "2.5e-05" in msg and "--set batch_size=80 or grad_accum=4" in msg
+    assert check_gpu_count(s, 2, scale_lr=True) == pytest.approx(s["lr"] / 4)
+
+
+def test_margins_count_the_whole_list_not_the_training_part():
+    from kernel.train.data import ClassMap, holdout
+
+    df = pd.DataFrame({"id": [f"i{k}" for k in range(120)], "landmark_id": [5] * 100 + [6] * 18 + [7] * 2})
+    train, _ = holdout(df, 0.1)
+    cm = ClassMap(train["landmark_id"])
+    counts = fitmod.margin_counts(cm, cm.encode(train["landmark_id"]), df["landmark_id"])
+    assert counts.tolist() == [100, 18, 2] and len(train) == 120 - 10 - 1
