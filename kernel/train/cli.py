@@ -1,4 +1,4 @@
-"""``python -m kernel.train fit | clean | smoke``.
+"""``python -m kernel.train fit | clean | cost | smoke``.
 
 Bad input ends with one line ``error: ...`` naming the file or field (exit 2), never a traceback.
 """
@@ -135,9 +135,37 @@ def run_smoke(args) -> int:
     return 0
 
 
+def add_cost(p) -> None:
+    p.add_argument("--recipe", action="append", default=None, help="recipe (repeatable; default: all)")
+    p.add_argument("--gpu", default="A100", help="GPU of the projection (kernel/budget.py GPU_FP16_TFLOPS)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs of the job (wall-clock days = GPU-hours / gpus / 24)")
+    p.add_argument("--data", default=None, help="GLDv2 folder: count the data sets' images from its CSVs")
+    p.add_argument("--json", action="store_true", help="print only JSON")
+
+
+def run_cost(args) -> int:
+    from kernel.train.cost import count_images, recipe_costs
+
+    rows = recipe_costs(args.recipe, gpu=args.gpu, images=count_images(args.data) if args.data else None)
+    if not args.json:
+        print(f"PROJECTED (not measured) training cost on {args.gpu} GPUs: 3 x forward FLOPs per image, "
+              "kernel/budget.py efficiencies, data loading and validation not counted")
+        total: dict[str, float] = {}
+        for r in rows:
+            total[r["recipe"]] = total.get(r["recipe"], 0.0) + r["gpu_hours"]
+            print(f"  {r['recipe']:26s} step {r['step']}: {r['data']:15s} {r['images']:>9,d} images x "
+                  f"{r['epochs']:2d} epochs at {r['image_size']:3d} px, {r['gflop']:6.1f} GFLOP -> "
+                  f"{r['gpu_hours']:7.1f} GPU-h")
+        for name, h in total.items():
+            print(f"{name:28s} {h:7.0f} GPU-h = {h / args.gpus / 24:5.1f} days on {args.gpus} GPUs")
+    print(json.dumps(rows))
+    return 0
+
+
 COMMANDS = {
     "fit": ("train one recipe step (torchrun for several GPUs)", add_fit, run_fit),
     "clean": ("DBSCAN cleaning of the training labels on descriptors", add_clean, run_clean),
+    "cost": ("projected GPU-hours of every recipe step (epochs x images x FLOPs)", add_cost, run_cost),
     "smoke": ("tiny CPU training run on the bundled photos; prints map_before / map_after", add_smoke, run_smoke),
 }
 
