@@ -2,11 +2,14 @@
 
 Mixed precision (bf16 where the GPU has it, else fp16 with a grad scaler; fp32 on CPU), distributed data
 parallel when started by ``torchrun`` (one process per GPU; ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` from the
-environment; NCCL on GPUs, Gloo on CPUs), Adam with weight decay (or SGD), per-iteration cosine / poly schedule
-with linear warm-up, gradient accumulation and clipping, a NaN guard that skips a step on every rank together
-and stops after too many in a row, a progress bar, per-epoch validation (GAP and mAP@100 of held-out images,
-with the project's own metrics), and after every epoch an atomically written ``model.pth`` (original layout,
-loadable by :func:`kernel.models.load_weights`) and ``last.pth`` (resumable).
+environment; NCCL on GPUs, Gloo on CPUs; a collective timeout sized for validation), Adam (or SGD), the
+recipes' schedules (per-iteration cosine / poly with linear warm-up, or the 2020 code's per-epoch one),
+gradient accumulation and optional clipping, a NaN guard that skips a step on every rank together and stops
+after too many in a row, a progress bar, per-epoch validation sharded over the ranks (GAP and mAP@100 of
+held-out images, with the project's own metrics), a warning when the GPU count differs from the recipe's,
+a refusal to start when tensors the original starts pretrained get no weights, and after every epoch an
+atomically written ``model.pth`` (original layout, loadable by :func:`kernel.models.load_weights`) and
+``last.pth`` (resumable).
 """
 from __future__ import annotations
 
