@@ -229,3 +229,19 @@ def test_margins_count_the_whole_list_not_the_training_part():
     cm = ClassMap(train["landmark_id"])
     counts = fitmod.margin_counts(cm, cm.encode(train["landmark_id"]), df["landmark_id"])
     assert counts.tolist() == [100, 18, 2] and len(train) == 120 - 10 - 1
+
+
+def test_validation_metrics_with_non_landmark_rows():
+    """The 2019 test set's distractors (landmark -1): no query, no true landmark, a prediction on one is wrong."""
+    from kernel.train.data import ClassMap
+    from kernel.train.fit import validation_metrics
+
+    cm = ClassMap([10, 20])
+    e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.7, 0.7]]),
+                                      dim=1).numpy()
+    preds = torch.tensor([[0, 0.9], [0, 0.8], [1, 0.7], [1, 0.6], [0, 0.95]]).numpy()  # class, confidence
+    m = validation_metrics(["a", "b", "c", "d", "x"], [10, 10, 20, 20, -1], e, preds, cm)
+    assert m["n_val"] == 5 and m["n_queries"] == 4  # the distractor is never a query
+    # ranked by confidence: x (wrong), a, b, c, d (right): GAP = (1/2 + 2/3 + 3/4 + 4/5) / 4
+    assert m["gap"] == pytest.approx((1 / 2 + 2 / 3 + 3 / 4 + 4 / 5) / 4)
+    assert m["map100"] == pytest.approx(1.0)  # each query's one positive ranks first
