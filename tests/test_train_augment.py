@@ -1,7 +1,15 @@
 """Corner-Cutmix geometry and labels, the dual-stream loss, Cutout, the 2021 pipeline."""
-import torch
+from pathlib import Path
 
-from kernel.train.augment import Cutout, JpegQuality, eval_transform, train_transform
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from kernel.data.decode import decode_image, decode_resized
+from kernel.models import IMAGENET_MEAN, IMAGENET_STD
+from kernel.train.augment import Cutout, JpegQuality, SquareResize, eval_transform, train_transform
+from kernel.train.data import LandmarkDataset
 from kernel.train.cutmix import corner_cutmix, dual_stream_loss, paste_corner
 
 
@@ -86,3 +94,34 @@ def test_jpeg_quality_round_trip_is_near_lossless_at_99():
     out = JpegQuality(99, 100)(img)
     assert out.shape == img.shape and out.dtype == torch.uint8
     assert (out.float() - img.float()).abs().mean() < 3
+
+
+PHOTOS = sorted((Path(__file__).resolve().parents[1] / "kernel" / "sample_data" / "gldv2").glob("*.jpg"))
+
+
+@pytest.mark.skipif(not PHOTOS, reason="the bundled sample photos are missing")
+def test_training_decode_and_resize_equal_the_kernels_inference_ones_on_a_real_photo(tmp_path):
+    """A model must train on the pixels the kernel will feed it: the dataset decodes with the inference
+    decoder and the pipelines' resize is the inference resize (cv2 bilinear, no antialiasing)."""
+    photo = PHOTOS[0]
+    (tmp_path / photo.name).write_bytes(photo.read_bytes())
+    for size in (64, 224, 448):
+        want = decode_resized(photo, [size])[size]  # what extraction feeds a model of this size
+        ds = LandmarkDataset([photo.stem], [0], tmp_path, transform=None, min_side=size)
+        img, _ = ds[0]
+        assert torch.equal(img.permute(1, 2, 0), torch.from_numpy(np.array(decode_image(photo, min_side=size))))
+        resize = [t for t in train_transform(size).transforms if isinstance(t, SquareResize)]
+        assert len(resize) == 1  # the training pipeline resizes exactly once, with the inference resize
+        assert np.array_equal(resize[0](img).permute(1, 2, 0).numpy(), want)
+        norm = eval_transform(size)(img)
+        expect = (torch.from_numpy(want).permute(2, 0, 1).float() - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) \
+            / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        assert torch.allclose(norm, expect, atol=1e-5)
+    # and it is not torchvision's antialiased resize, which differs visibly on a downscale
+    small = v2.Resize((64, 64), antialias=True)(img)
+    assert (small.float() - SquareResize(64)(img).float()).abs().mean() > 0.5
+
+
+def test_shift_scale_rotate_interpolates_bilinearly():
+    affine = train_transform(32).transforms[2].transforms[0]
+    assert isinstance(affine, v2.RandomAffine) and affine.interpolation == v2.InterpolationMode.BILINEAR

@@ -15,6 +15,7 @@ from kernel.train.data import (
     holdout,
     load_named,
     read_labels,
+    read_val_labels,
 )
 
 
@@ -90,10 +91,24 @@ def test_holdout_keeps_every_class_in_training():
                        "landmark_id": [1] * 10 + [2] * 10 + [3] * 2 + [4]})
     tr, va = holdout(df, 0.3, seed=1)
     assert set(tr["landmark_id"]) == {1, 2, 3, 4}
-    assert va["landmark_id"].value_counts().to_dict() == {1: 3, 2: 3, 3: 1}
+    # floor(0.3 n) per class: the 2-image class and the singleton lose nothing (the originals' class counts)
+    assert va["landmark_id"].value_counts().to_dict() == {1: 3, 2: 3}
+    assert (tr["landmark_id"] == 3).sum() == 2
     assert not set(tr["id"]) & set(va["id"]) and len(tr) + len(va) == len(df)
     tr0, va0 = holdout(df, 0.0)
     assert len(va0) == 0 and len(tr0) == len(df)
+
+
+def test_validation_csv_in_the_2019_solution_format(tmp_path):
+    p = tmp_path / "recognition_solution_v2.1.csv"
+    p.write_text("id,landmarks,Usage\na1,12,Public\nb2,,Private\nc3,7 9,Private\nd4,5,Ignored\n")
+    df = read_val_labels(p)
+    assert df.to_dict("list") == {"id": ["a1", "b2", "c3"], "landmark_id": [12, -1, 7]}  # -1: non-landmark
+    p.write_text("id,landmarks\na1,x\n")
+    with pytest.raises(KernelError, match="field 'landmarks'"):
+        read_val_labels(p)
+    p.write_text("id,landmark_id\na1,3\n")
+    assert read_val_labels(p)["landmark_id"].tolist() == [3]
 
 
 def test_weighted_sampler_balances_and_shards():

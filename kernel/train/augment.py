@@ -11,8 +11,12 @@ HorizontalFlip(p=0.5)                   ``v2.RandomHorizontalFlip(0.5)``
 ImageCompression(quality 99-100)        :class:`JpegQuality` (a Pillow JPEG round trip; torchvision's own
                                         ``v2.JPEG`` sits on its deprecated image codecs)
 ShiftScaleRotate(0.2, 0.2, 10,          ``v2.RandomApply([v2.RandomAffine(10, translate=(0.2, 0.2),
-border 0, p=0.7)                        scale=(0.8, 1.2), fill=0)], p=0.7)``
-Resize(S, S)                            ``v2.Resize((S, S))``
+border 0, p=0.7)                        scale=(0.8, 1.2), interpolation=BILINEAR, fill=0)], p=0.7)``
+                                        (albumentations' default interpolation is cv2 INTER_LINEAR;
+                                        torchvision's would be nearest-neighbour)
+Resize(S, S)                            :class:`SquareResize`: the kernel's inference resize itself
+                                        (:func:`kernel.data.decode.resize_square`, cv2 INTER_LINEAR, no
+                                        antialiasing), so a model trains on the resize it is run with
 Cutout(1 hole, 0.4*S, p=0.5)            :class:`Cutout` (old albumentations geometry, below)
 ======================================  ===================================================================
 
@@ -28,7 +32,21 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
+from kernel.data.decode import resize_square
 from kernel.models import IMAGENET_MEAN, IMAGENET_STD
+
+
+class SquareResize(nn.Module):
+    """uint8 (3, H, W) tensor -> (3, S, S) with :func:`kernel.data.decode.resize_square` (cv2 INTER_LINEAR,
+    no antialiasing: albumentations' ``Resize`` in the originals, and the kernel's inference resize)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        rgb = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
+        return torch.from_numpy(np.ascontiguousarray(resize_square(rgb, self.size))).permute(2, 0, 1)
 
 
 class Cutout(nn.Module):
@@ -82,13 +100,14 @@ def train_transform(size: int, cutout: float = 0.4) -> v2.Compose:
     return v2.Compose([
         v2.RandomHorizontalFlip(p=0.5),
         JpegQuality(99, 100),
-        v2.RandomApply([v2.RandomAffine(degrees=10, translate=(0.2, 0.2), scale=(0.8, 1.2), fill=0)], p=0.7),
-        v2.Resize((size, size), antialias=True),
+        v2.RandomApply([v2.RandomAffine(degrees=10, translate=(0.2, 0.2), scale=(0.8, 1.2),
+                                        interpolation=v2.InterpolationMode.BILINEAR, fill=0)], p=0.7),
+        SquareResize(size),
         Cutout(cutout, p=0.5),
         normalize(),
     ])
 
 
 def eval_transform(size: int) -> v2.Compose:
-    """Validation / extraction: resize to a square, normalise."""
-    return v2.Compose([v2.Resize((size, size), antialias=True), normalize()])
+    """Validation: the kernel's inference resize to a square, normalise."""
+    return v2.Compose([SquareResize(size), normalize()])

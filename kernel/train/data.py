@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from kernel.data.decode import DecodeError
 from kernel.errors import KernelError
 
 log = logging.getLogger(__name__)
@@ -148,12 +149,14 @@ def image_path(root: Path, image_id: str, layout: str, suffix: str = ".jpg") -> 
     return root / f"{image_id}{suffix}"
 
 
-def decode_rgb(path: Path) -> torch.Tensor:
-    """Decode an image file to a uint8 (3, H, W) RGB tensor, EXIF orientation applied."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        arr = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+def decode_rgb(path: Path, min_side: int | None = None) -> torch.Tensor:
+    """Decode an image file to a uint8 (3, H, W) RGB tensor with the kernel's inference decoder
+    (:func:`kernel.data.decode.decode_image`: EXIF orientation, any mode, reduced-scale decoding of huge JPEGs
+    that keeps both sides >= ``min_side``), so training sees the pixels inference sees."""
+    from kernel.data.decode import decode_image
+
+    rgb = decode_image(path, min_side=min_side)
+    return torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1)
 
 
 class LandmarkDataset(Dataset):
@@ -163,7 +166,8 @@ class LandmarkDataset(Dataset):
     never stops a multi-day run; :attr:`failures` counts them (per worker process).
     """
 
-    def __init__(self, ids, classes, root: str | Path, transform=None, suffix: str = ".jpg"):
+    def __init__(self, ids, classes, root: str | Path, transform=None, suffix: str = ".jpg",
+                 min_side: int | None = None):
         self.ids = [str(i) for i in ids]
         self.classes = np.asarray(classes, dtype=np.int64)
         if len(self.ids) != len(self.classes):
@@ -174,20 +178,21 @@ class LandmarkDataset(Dataset):
         self.suffix = suffix
         self.layout = find_layout(self.root, self.ids[0], suffix)
         self.transform = transform
+        self.min_side = min_side
         self.failures = 0
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def load(self, index: int) -> torch.Tensor:
-        return decode_rgb(image_path(self.root, self.ids[index], self.layout, self.suffix))
+        return decode_rgb(image_path(self.root, self.ids[index], self.layout, self.suffix), self.min_side)
 
     def __getitem__(self, index: int):
         for attempt in range(len(self.ids)):
             i = (index + attempt) % len(self.ids)
             try:
                 img = self.load(i)
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            except (DecodeError, OSError, ValueError, Image.DecompressionBombError) as exc:
                 self.failures += 1
                 log.warning("cannot decode %s (%s); using the next image", self.ids[i], exc)
                 continue
@@ -198,8 +203,14 @@ class LandmarkDataset(Dataset):
 
 
 def holdout(df: pd.DataFrame, fraction: float, min_images: int = 2, seed: int = 0):
-    """Split off ``fraction`` of the images of every class with at least ``min_images`` images (at least one
-    image per such class stays in training). Returns ``(train_df, val_df)``."""
+    """Split off ``floor(fraction * n)`` of the ``n`` images of every class with at least ``min_images``
+    images, never its last one. Returns ``(train_df, val_df)``.
+
+    Our reading (the 2021 original trained on the whole list and validated on the 2019 test set; the 2020 one
+    held out a fifth of the clean images): a class with fewer than ``1 / fraction`` images keeps them all, so
+    the hold-out neither halves the many two-image classes nor changes which classes train. Pass the whole
+    list as ``margin_labels`` to :class:`kernel.train.fit.StepRun` so the dynamic margins stay the original's.
+    """
     if not 0 <= fraction < 1:
         raise KernelError(f"validation fraction must be in [0, 1), got {fraction}")
     if fraction == 0:
@@ -209,11 +220,34 @@ def holdout(df: pd.DataFrame, fraction: float, min_images: int = 2, seed: int = 
     for _, idx in df.groupby("landmark_id").indices.items():
         if len(idx) < min_images:
             continue
-        n = min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
-        val_idx.extend(rng.choice(idx, size=n, replace=False).tolist())
+        n = min(len(idx) - 1, int(math.floor(fraction * len(idx) + 1e-9)))
+        if n > 0:
+            val_idx.extend(rng.choice(idx, size=n, replace=False).tolist())
     mask = np.zeros(len(df), dtype=bool)
     mask[val_idx] = True
     return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)
+
+
+def read_val_labels(path: str | Path) -> pd.DataFrame:
+    """Validation labels: a label CSV (:func:`read_labels`) or a Kaggle recognition solution file
+    ``id,landmarks[,Usage]`` (the 2019 test set the 2021 configs validated on: ``recognition_solution_v2.1.csv``)
+    where ``landmarks`` is empty for a non-landmark image (landmark_id -1 here) and holds space-separated ids
+    otherwise (the first is used, as the original dataset code did); rows with ``Usage`` "Ignored" are dropped."""
+    path = Path(path)
+    try:
+        head = pd.read_csv(path, nrows=0).columns if path.is_file() else []
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise KernelError(f"{path}: not a readable CSV ({exc})") from None
+    if "landmarks" not in head or "landmark_id" in head:
+        return read_labels(path)
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "Usage" in df.columns:
+        df = df[df["Usage"] != "Ignored"]
+    first = df["landmarks"].str.split().str[0]
+    lid = pd.to_numeric(first.fillna("-1"), errors="coerce")
+    if lid.isna().any():
+        raise KernelError(f"{path}: field 'landmarks' must hold integer ids (got {df.loc[lid.isna(), 'landmarks'].iloc[0]!r})")
+    return pd.DataFrame({"id": df["id"].str.strip(), "landmark_id": lid.astype(np.int64)}).reset_index(drop=True)
 
 
 def class_weights(classes, power: float) -> np.ndarray:

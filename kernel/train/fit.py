@@ -2,15 +2,19 @@
 
 Mixed precision (bf16 where the GPU has it, else fp16 with a grad scaler; fp32 on CPU), distributed data
 parallel when started by ``torchrun`` (one process per GPU; ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` from the
-environment; NCCL on GPUs, Gloo on CPUs), Adam with weight decay (or SGD), per-iteration cosine / poly schedule
-with linear warm-up, gradient accumulation and clipping, a NaN guard that skips a step on every rank together
-and stops after too many in a row, a progress bar, per-epoch validation (GAP and mAP@100 of held-out images,
-with the project's own metrics), and after every epoch an atomically written ``model.pth`` (original layout,
-loadable by :func:`kernel.models.load_weights`) and ``last.pth`` (resumable).
+environment; NCCL on GPUs, Gloo on CPUs; a collective timeout sized for validation), Adam (or SGD), the
+recipes' schedules (per-iteration cosine / poly with linear warm-up, or the 2020 code's per-epoch one),
+gradient accumulation and optional clipping, a NaN guard that skips a step on every rank together and stops
+after too many in a row, a progress bar, per-epoch validation sharded over the ranks (GAP and mAP@100 of
+held-out images, with the project's own metrics), a warning when the GPU count differs from the recipe's,
+a refusal to start when tensors the original starts pretrained get no weights, and after every epoch an
+atomically written ``model.pth`` (original layout, loadable by :func:`kernel.models.load_weights`) and
+``last.pth`` (resumable).
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -23,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from kernel.errors import KernelError
@@ -32,11 +36,15 @@ from kernel.train.augment import eval_transform, train_transform
 from kernel.train.cutmix import corner_cutmix, dual_stream_loss
 from kernel.train.data import ClassMap, DistributedWeightedSampler, LandmarkDataset, class_weights
 from kernel.train.losses import build_loss
-from kernel.train.nets import Trainee, attach_head, build_net, freeze, get_head, load_imagenet
+from kernel.train.nets import (Trainee, attach_head, build_net, describe_missing, freeze, get_head, load_imagenet,
+                               pretrained_tensors)
 
 log = logging.getLogger(__name__)
 
 MAX_BAD_STEPS = 50  # consecutive non-finite losses / gradients before the run is stopped
+# collective timeout (minutes): rank 0 scores the gathered validation and writes two checkpoints while the
+# others wait at a barrier; PyTorch's 10-minute default is too short for ~100k images at 448-896 px
+DIST_TIMEOUT_MIN = 120
 
 
 @dataclass
@@ -51,8 +59,10 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device: str | None = None) -> Dist:
-    """Read torchrun's environment; start the process group when there is more than one process."""
+def setup_distributed(device: str | None = None, timeout_min: float = None) -> Dist:
+    """Read torchrun's environment; start the process group when there is more than one process.
+    ``timeout_min``: how long a collective (a barrier while rank 0 scores validation and writes checkpoints)
+    may wait before the job is killed; PyTorch's default is 10 minutes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -62,8 +72,42 @@ def setup_distributed(device: str | None = None) -> Dist:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_min or DIST_TIMEOUT_MIN))
     return Dist(rank, world, local, dev)
+
+
+def check_gpu_count(step: dict, world: int, scale_lr: bool = False, warn: bool = True) -> float:
+    """The learning rate to train with. The recipe's ``lr`` belongs to ``gpus x batch_size x grad_accum``
+    images per optimiser step; on another GPU count each step averages over another number of images with the
+    same lr. Warns (saying so, and what the linear scaling rule would give); ``scale_lr`` applies that rule
+    (our reading: no source changed its GPU count, so neither choice is theirs)."""
+    per_gpu = step["batch_size"] * step["grad_accum"]
+    theirs, ours = step["gpus"] * per_gpu, world * per_gpu
+    if theirs == ours:
+        return step["lr"]
+    scaled = step["lr"] * ours / theirs
+    if warn:
+        log.warning(
+            "%s step %d: the recipe ran on %d GPUs (%d images per optimiser step), this run on %d (%d images): "
+            "%s. Keeping the sum over GPUs equal needs --set batch_size=%s or grad_accum=%s.",
+            step["recipe"], step["step"], step["gpus"], theirs, world, ours,
+            f"lr scaled linearly to {scaled:.3g} (--scale-lr)" if scale_lr else
+            f"the same lr {step['lr']:.3g} now averages over {ours / theirs:.3g}x the images per step "
+            f"(linear scaling would give {scaled:.3g}: --scale-lr)",
+            f"{theirs // world}" if theirs % world == 0 else "-", f"{theirs // (world * step['batch_size'])}"
+            if theirs % (world * step["batch_size"]) == 0 else "-")
+    return scaled if scale_lr else step["lr"]
+
+
+def margin_counts(class_map: ClassMap, classes: np.ndarray, margin_labels=None) -> np.ndarray:
+    """Per-class image counts the dynamic margins use: of ``margin_labels`` (the whole list, as both original
+    codes counted them) when given, else of the training classes."""
+    if margin_labels is None:
+        return np.bincount(classes, minlength=len(class_map))
+    ids = pd.Series(np.asarray(margin_labels)).map(class_map.index).dropna().astype(np.int64)
+    counts = np.bincount(ids.to_numpy(), minlength=len(class_map))
+    return np.maximum(counts, np.bincount(classes, minlength=len(class_map)))
 
 
 def autocast_dtype(precision: str, device: torch.device):
@@ -76,8 +120,23 @@ def autocast_dtype(precision: str, device: torch.device):
 
 
 def lr_factor(it: int, step: dict, iters_per_epoch: int) -> float:
-    """LR multiplier at optimiser step ``it``: linear warm-up from ``warmup_start`` to 1 over
-    ``warmup_epochs``, then cosine (to 0) or poly (power 0.9) decay over the rest of ``epochs``."""
+    """LR multiplier at optimiser step ``it``.
+
+    ``cosine`` / ``poly`` (per iteration): linear warm-up from ``warmup_start`` to 1 over ``warmup_epochs``,
+    then cosine (to 0) or poly (power 0.9) decay over the rest of ``epochs``.
+    ``cosine_2020``: the 2020 recognition code's schedule, stepped once per epoch (constant within an epoch):
+    ``GradualWarmupSchedulerV2(multiplier=1/warmup_start, total_epoch=1)`` then
+    ``CosineAnnealingWarmRestarts(T_0=epochs - 1)``, called as ``step(epoch - 1)`` at each epoch's start. For
+    1-based epoch e that is ``warmup_start`` at e = 1, 1 at e = 2 and e = 3 (the after-scheduler's first value
+    is its start), then ``(1 + cos(pi (e - 2) / (epochs - 1))) / 2``.
+    """
+    if step["schedule"] == "cosine_2020":
+        e = it // max(iters_per_epoch, 1) + 1
+        if e == 1:
+            return step["warmup_start"]
+        period = max(step["epochs"] - 1, 1)
+        t = (e - 2 if e > 3 else 0) % period  # the after-scheduler restarts after T_0 epochs
+        return 0.5 * (1 + math.cos(math.pi * t / period))
     warm = int(step["warmup_epochs"] * iters_per_epoch)
     total = max(step["epochs"] * iters_per_epoch, warm + 1)
     if it < warm:
@@ -120,18 +179,47 @@ def embed(net, dataset, device, batch_size: int, workers: int, amp_dtype=None, d
     return torch.cat(embs).numpy(), torch.cat(preds).numpy()
 
 
-def validation_metrics(ids, landmarks, emb, preds, class_map: ClassMap, k: int = 100) -> dict:
+def embed_sharded(net, dataset, env: Dist, batch_size: int, workers: int, amp_dtype=None):
+    """:func:`embed` with the dataset split into ``env.world`` contiguous shards, one per rank, gathered on
+    every rank in dataset order (padded to equal length for ``all_gather``, then trimmed). One rank: plain
+    :func:`embed`."""
+    if env.world == 1:
+        return embed(net, dataset, env.device, batch_size, workers, amp_dtype, desc="validate")
+    shards = np.array_split(np.arange(len(dataset)), env.world)
+    mine = shards[env.rank]
+    width = None
+    if len(mine):
+        emb, preds = embed(net, Subset(dataset, mine.tolist()), env.device, batch_size, workers, amp_dtype,
+                           desc="validate")
+        rows = torch.from_numpy(np.concatenate([emb, preds], axis=1))
+        width = rows.shape[1]
+    sizes = [None] * env.world
+    dist.all_gather_object(sizes, width)
+    width = next(w for w in sizes if w is not None)
+    longest = max(len(x) for x in shards)
+    buf = torch.zeros(longest, width, device=env.device)
+    if len(mine):
+        buf[: len(mine)] = rows.to(env.device)
+    parts = [torch.empty_like(buf) for _ in range(env.world)]
+    dist.all_gather(parts, buf)
+    out = torch.cat([p[: len(sh)] for p, sh in zip(parts, shards)]).cpu().numpy()
+    return out[:, :-2], out[:, -2:]
+
+
+def validation_metrics(ids, landmarks, emb, preds, class_map: ClassMap, k: int = 100, device=None) -> dict:
     """GAP of the head's predictions and mAP@k of held-out images retrieving each other (a query never
-    retrieves itself; queries whose landmark has no other held-out image are left out)."""
+    retrieves itself; queries whose landmark has no other held-out image are left out). A landmark id below 0
+    is a non-landmark image: no true landmark for GAP (a prediction on it counts as wrong), never a query,
+    but retrievable (a distractor). Similarities run on ``device`` (default CPU)."""
     from kernel.metrics import gap, map_at_k
 
     ids = [str(i) for i in ids]
     landmarks = np.asarray(landmarks)
     pred_lm = class_map.decode(preds[:, 0].astype(np.int64))
     recognition = {i: (int(p), float(c)) for i, p, c in zip(ids, pred_lm, preds[:, 1])}
-    truth = {i: [int(t)] for i, t in zip(ids, landmarks)}
+    truth = {i: [int(t)] if t >= 0 else [] for i, t in zip(ids, landmarks)}
     out = {"gap": float(gap(recognition, truth)), "n_val": len(ids)}
-    e = torch.from_numpy(emb)
+    e = torch.from_numpy(emb).to(device or "cpu")
     retrieved, relevant = {}, {}
     by_lm: dict[int, list[str]] = {}
     for i, t in zip(ids, landmarks):
@@ -139,11 +227,11 @@ def validation_metrics(ids, landmarks, emb, preds, class_map: ClassMap, k: int =
     kk = min(k, len(ids) - 1)
     for start in range(0, len(ids), 1024):
         sims = e[start : start + 1024] @ e.T
-        rows = torch.arange(sims.shape[0])
+        rows = torch.arange(sims.shape[0], device=sims.device)
         sims[rows, rows + start] = -float("inf")
-        top = sims.topk(kk, dim=1).indices.numpy() if kk > 0 else np.zeros((sims.shape[0], 0), dtype=np.int64)
+        top = sims.topk(kk, dim=1).indices.cpu().numpy() if kk > 0 else np.zeros((sims.shape[0], 0), np.int64)
         for r, q in enumerate(range(start, start + sims.shape[0])):
-            rel = [j for j in by_lm[int(landmarks[q])] if j != ids[q]]
+            rel = [j for j in by_lm[int(landmarks[q])] if j != ids[q]] if landmarks[q] >= 0 else []
             if rel:
                 retrieved[ids[q]] = [ids[j] for j in top[r]]
                 relevant[ids[q]] = rel
@@ -155,59 +243,92 @@ def validation_metrics(ids, landmarks, emb, preds, class_map: ClassMap, k: int =
 class StepRun:
     """One recipe step: data, net, optimiser, schedule, loop, checkpoints (``python -m kernel.train fit``).
 
-    ``train_df`` / ``val_df``: ``id,landmark_id`` frames; images under ``image_root`` (``val_root``). The
-    step starts from ``last.pth`` in ``out_dir`` (``resume``), else from ``init_path`` or the model.pth of
-    the step its recipe names, else from (ImageNet with ``imagenet``, or random) init. :meth:`run` trains.
+    ``train_df`` / ``val_df``: ``id,landmark_id`` frames; images under ``image_root`` (``val_root``); a
+    validation landmark id below 0 marks a non-landmark image (the 2019 test set's distractors).
+    ``margin_labels``: the landmark ids the dynamic margins are counted on (default: ``train_df``'s; the
+    originals counted them on the whole label list, so a hold-out should pass the list before the split).
+    The step starts from ``last.pth`` in ``out_dir`` (``resume``), else from ``init_path`` or the model.pth
+    of the step its recipe names, plus (``imagenet``) timm's ImageNet weights for what that does not hold.
+    A tensor that should be pretrained (:func:`kernel.train.nets.pretrained_tensors`) but got no weights
+    stops the run, unless ``random_init``. :meth:`run` trains.
     """
 
     def __init__(self, step: dict, train_df: pd.DataFrame, val_df: pd.DataFrame, image_root, out_dir, *,
                  init_path=None, resume=False, device=None, workers=2, imagenet=False, precision="auto",
-                 seed=0, val_batch_size=None, progress=True, val_root=None, sync_bn=False):
+                 seed=0, val_batch_size=None, progress=True, val_root=None, sync_bn=None, random_init=False,
+                 margin_labels=None, scale_lr=False, dist_timeout_min=DIST_TIMEOUT_MIN):
         self.step, self.out = step, Path(out_dir)
-        self.env = setup_distributed(device)
+        self.env = setup_distributed(device, dist_timeout_min)
         self.progress = progress and self.env.main
         self.workers = workers
         self.seed = seed
         torch.manual_seed(seed + self.env.rank)
         np.random.seed(seed + self.env.rank)
+        self._data(train_df, val_df, image_root, val_root, margin_labels)
+        self.val_batch_size = val_batch_size or step["batch_size"]
+        arch = step["arch"]
+        self.net = build_net(arch)
+        attach_head(self.net, len(self.class_map), step["loss"]["type"], step["loss"].get("k", 3))
+        state = self._load_start(init_path, resume, imagenet, random_init)
+        n_train = freeze(self.net, step["train_only"])
+        (log.info if self.env.main else log.debug)(
+            "%s step %d: %s, %d classes, %d train / %d val images, %.2fM trainable parameters", step["recipe"],
+            step["step"], arch["family"], len(self.class_map), len(self.train_ds), len(val_df), n_train / 1e6)
+        self.net.to(self.env.device)
+        self.trainee = Trainee(self.net)
+        if self.env.world > 1:
+            if (step["sync_bn"] if sync_bn is None else sync_bn) and self.env.device.type == "cuda":
+                self.trainee = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.trainee)
+            elif step["sync_bn"] if sync_bn is None else sync_bn:
+                log.warning("SyncBatchNorm needs GPUs: BatchNorm statistics stay per process on %s",
+                            self.env.device)
+            self.trainee = torch.nn.parallel.DistributedDataParallel(
+                self.trainee, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
+                find_unused_parameters=bool(step["train_only"]))
+        self.amp = autocast_dtype(precision, self.env.device)
+        lr = check_gpu_count(step, self.env.world, scale_lr, warn=self.env.main)
+        self.optimizer = build_optimizer(self.trainee.parameters(), dict(step, lr=lr))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: lr_factor(it, step, self.iters_per_epoch))
+        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.amp == torch.float16)
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        self.history: list[dict] = []
 
+    def _data(self, train_df, val_df, image_root, val_root, margin_labels) -> None:
+        """Class map, loss (margins), datasets, sampler and loader."""
+        step, env = self.step, self.env
         # classes = the training landmarks; a validation image of another landmark can only be predicted wrong
         self.class_map = ClassMap(train_df["landmark_id"])
         classes = self.class_map.encode(train_df["landmark_id"])
-        counts = np.bincount(classes, minlength=len(self.class_map))
-        self.loss_fn = build_loss(step["loss"], counts).to(self.env.device)
+        self.loss_fn = build_loss(step["loss"], margin_counts(self.class_map, classes, margin_labels)).to(env.device)
         size = step["arch"]["image_size"]
-        self.train_ds = LandmarkDataset(train_df["id"], classes, image_root, train_transform(size))
+        self.train_ds = LandmarkDataset(train_df["id"], classes, image_root, train_transform(size), min_side=size)
         known = val_df["landmark_id"].map(self.class_map.index).fillna(-1).astype(np.int64)
-        self.val_ds = LandmarkDataset(val_df["id"], known, val_root or image_root,
-                                      eval_transform(size)) if len(val_df) else None
+        self.val_ds = LandmarkDataset(val_df["id"], known, val_root or image_root, eval_transform(size),
+                                      min_side=size) if len(val_df) else None
         self.val_landmarks = val_df["landmark_id"].to_numpy()
         self.val_ids = val_df["id"].tolist()
-        self.val_batch_size = val_batch_size or step["batch_size"]
-
         if step["sampling_power"] > 0:
             self.sampler = DistributedWeightedSampler(class_weights(classes, step["sampling_power"]),
-                                                      rank=self.env.rank, world=self.env.world, seed=seed)
+                                                      rank=env.rank, world=env.world, seed=self.seed)
         else:
-            self.sampler = DistributedSampler(self.train_ds, num_replicas=self.env.world, rank=self.env.rank,
-                                              shuffle=True, seed=seed, drop_last=True)
+            self.sampler = DistributedSampler(self.train_ds, num_replicas=env.world, rank=env.rank,
+                                              shuffle=True, seed=self.seed, drop_last=True)
         self.loader = DataLoader(self.train_ds, batch_size=step["batch_size"], sampler=self.sampler,
-                                 num_workers=workers, drop_last=True, pin_memory=self.env.device.type == "cuda",
-                                 persistent_workers=workers > 0)
+                                 num_workers=self.workers, drop_last=True, pin_memory=env.device.type == "cuda",
+                                 persistent_workers=self.workers > 0)
         self.iters_per_epoch = len(self.loader) // step["grad_accum"]
         if self.iters_per_epoch == 0:
             raise KernelError(f"{len(self.train_ds)} training images give no full batch of "
                               f"{step['batch_size']} x {step['grad_accum']} per process: lower batch_size")
 
-        arch = step["arch"]
-        self.net = build_net(arch)
-        kind = step["loss"]["type"]
-        attach_head(self.net, len(self.class_map), kind, step["loss"].get("k", 3))
-        if imagenet:
-            for line in load_imagenet(self.net, arch, step.get("pretrained_tags")):
-                log.info(line)
-        self.start_epoch, self.it = 1, 0
-        state = None
+    def _load_start(self, init_path, resume, imagenet, random_init):
+        """Resume state, or ImageNet + previous-step weights; refuses a step whose pretrained tensors got none.
+        Returns the ``last.pth`` record when resuming, else None."""
+        step = self.step
         last = self.out / "last.pth"
         if resume and last.is_file():
             state = ckpt.load_record(last)
@@ -219,39 +340,30 @@ class StepRun:
             self.net.load_state_dict(ckpt.from_original(state["model"], self.net.family), strict=True)
             self.start_epoch, self.it = state["epoch"] + 1, state["iteration"]
             log.info("resuming %s step %d after epoch %d", step["recipe"], step["step"], state["epoch"])
-        elif resume:
+            return state
+        if resume:
             log.info("--resume: no %s yet, starting the step from its beginning", last)
-        if state is None and isinstance(step["init"], dict):
-            self._init_from(init_path, step["init"])
-        elif state is None and init_path:
-            self._init_from(init_path, {"pop": []})
-        if step["init"] == "imagenet" and not imagenet and state is None and not init_path:
-            log.warning("%s step %d starts from ImageNet weights in the recipe; without --imagenet its backbone "
-                        "starts from random init", step["recipe"], step["step"])
-        n_train = freeze(self.net, step["train_only"])
-        (log.info if self.env.main else log.debug)(
-            "%s step %d: %s, %d classes, %d train / %d val images, %.2fM trainable parameters", step["recipe"],
-            step["step"], arch["family"], len(self.class_map), len(self.train_ds), len(val_df), n_train / 1e6)
-        self.net.to(self.env.device)
-        self.trainee = Trainee(self.net)
-        if self.env.world > 1:
-            if sync_bn:
-                self.trainee = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.trainee)
-            self.trainee = torch.nn.parallel.DistributedDataParallel(
-                self.trainee, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
-                find_unused_parameters=bool(step["train_only"]))
-        self.amp = autocast_dtype(precision, self.env.device)
-        self.optimizer = build_optimizer(self.trainee.parameters(), step)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda it: lr_factor(it, step, self.iters_per_epoch))
-        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.amp == torch.float16)
-        if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
-        self.history: list[dict] = []
+        self.start_epoch, self.it = 1, 0
+        loaded: set[str] = set()
+        if imagenet:
+            for path, rep in load_imagenet(self.net, step["arch"], step.get("pretrained_tags")):
+                loaded |= {f"{path}.{k}" for k in rep.loaded}
+        if isinstance(step["init"], dict) or init_path:
+            init = step["init"] if isinstance(step["init"], dict) else {"pop": []}
+            loaded |= set(self._init_from(init_path, init).loaded)
+        missing = [k for k in pretrained_tensors(self.net) if k not in loaded]
+        if missing and step["init"] != "random" and not random_init:
+            raise KernelError(
+                f"{step['recipe']} step {step['step']} needs pretrained weights that nothing provides: "
+                f"{describe_missing(missing)}. Pass --imagenet (timm's ImageNet weights, from its local cache) "
+                "so they start pretrained as in the original, or --random-init to train them from random init")
+        if missing and step["init"] != "random":
+            log.warning("%s step %d: %d tensors that the original starts pretrained start from random init "
+                        "(--random-init)", step["recipe"], step["step"], len(missing))
+        return None
 
-    def _init_from(self, path, init: dict) -> None:
+    def _init_from(self, path, init: dict):
+        """Load the model.pth of the step ``init`` names (or ``path``); returns the transfer report."""
         if path is None:
             path = self.out.parent / f"step{init['step']}" / "model.pth"
         path = Path(path)
@@ -265,7 +377,7 @@ class StepRun:
         if rec.get("class_map") != self.class_map.landmark_ids:
             pop.append(ckpt_head_key(self.net) + ".")
             log.info("%s: other classes than this step's data: its training head is not loaded", path)
-        ckpt.transfer(self.net, sd, pop=pop, min_fraction=0.3, what=f"init from {path}")
+        return ckpt.transfer(self.net, sd, pop=pop, min_fraction=0.3, what=f"init from {path}")
 
     # ------------------------------------------------------------------ loop
     def _forward_loss(self, x, y):
@@ -331,11 +443,15 @@ class StepRun:
                 "lr": float(self.scheduler.get_last_lr()[0])}
 
     def validate(self) -> dict:
+        """Every rank embeds its shard of the validation images (:func:`embed_sharded`); rank 0 scores them
+        (other ranks return ``{}``)."""
         if self.val_ds is None:
             return {}
-        emb, preds = embed(self.net, self.val_ds, self.env.device, self.val_batch_size, self.workers, self.amp,
-                           desc="validate")
-        return validation_metrics(self.val_ids, self.val_landmarks, emb, preds, self.class_map)
+        emb, preds = embed_sharded(self.net, self.val_ds, self.env, self.val_batch_size, self.workers, self.amp)
+        if not self.env.main:
+            return {}
+        return validation_metrics(self.val_ids, self.val_landmarks, emb, preds, self.class_map,
+                                  device=self.env.device)
 
     def save(self, epoch: int, metrics: dict) -> None:
         meta = dict(recipe=self.step["recipe"], step=self.step["step"], epoch=epoch, arch=self.step["arch"],
@@ -354,15 +470,16 @@ class StepRun:
         if env.main:
             self.out.mkdir(parents=True, exist_ok=True)
         last_epoch = step["stop_at"] or step["epochs"]
-        if validate_before and env.main:
+        if validate_before:
             m = {"epoch": 0, **self.validate()}
-            log.info("before training: %s", _fmt(m))
-            self.history.append(m)
+            if env.main:
+                log.info("before training: %s", _fmt(m))
+                self.history.append(m)
         for epoch in range(self.start_epoch, last_epoch + 1):
             t0 = time.time()
             m = self.train_epoch(epoch)
+            m.update(self.validate())
             if env.main:
-                m.update(self.validate())
                 m["seconds"] = round(time.time() - t0, 1)
                 self.save(epoch, m)
                 log.info("epoch %d/%d: %s", epoch, last_epoch, _fmt(m))

@@ -139,10 +139,38 @@ _PRETRAINED_PARTS = {
 }
 
 
-def load_imagenet(net: nn.Module, arch: dict, tags: dict | None = None) -> list[str]:
+# parts of a pretrained timm model that are *not* pretrained in the net (made new by the architecture): the
+# hybrid's 1x1 projection from the embedder's feature map to the Swin width
+_NEVER_PRETRAINED = {"hybrid": ("backbone.patch_embed.proj.",)}
+
+
+def pretrained_tensors(net: nn.Module) -> list[str]:
+    """State-dict names that should hold pretrained weights: everything under the family's pretrained parts
+    (:data:`_PRETRAINED_PARTS`) except what the architecture makes new. A recipe step must get each of them
+    from the previous step's checkpoint or from ImageNet (``--imagenet``), or be told ``--random-init``."""
+    parts = [path + "." for path, _ in _PRETRAINED_PARTS[net.family]]
+    never = _NEVER_PRETRAINED.get(net.family, ())
+    return [k for k in net.state_dict() if any(k.startswith(p) for p in parts) and not k.startswith(never)
+            and not k.endswith("num_batches_tracked")]
+
+
+def describe_missing(names: list[str], limit: int = 4) -> str:
+    """``"38 tensors (38 under backbone.patch_embed.backbone), e.g. ..."``: grouped by their first three
+    name components, largest groups first."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        parts = n.split(".")
+        groups.setdefault(".".join(parts[:min(len(parts) - 1, 3)]), []).append(n)
+    top = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    shown = "; ".join(f"{len(v)} under {k}" for k, v in top[:limit])
+    more = f"; {len(top) - limit} more groups" if len(top) > limit else ""
+    return f"{len(names)} tensors ({shown}{more}), e.g. {', '.join(names[:3])}"
+
+
+def load_imagenet(net: nn.Module, arch: dict, tags: dict | None = None) -> list:
     """Copy timm's ImageNet weights (``pretrained=True``: timm's own cache/hub, e.g.
     ``tf_efficientnet_b5.ns_jft_in1k``) into the backbone parts, matching by name and shape. Training only;
-    the kernel never calls this. Returns a line per part saying how much was copied."""
+    the kernel never calls this. Returns ``(path, TransferReport)`` per part."""
     from kernel.train.checkpoint import transfer
 
     report = []
@@ -155,7 +183,7 @@ def load_imagenet(net: nn.Module, arch: dict, tags: dict | None = None) -> list[
             src = timm.create_model(full, pretrained=True, num_classes=0)
         except Exception as exc:  # no network / not cached / unknown tag
             raise KernelError(f"cannot get ImageNet weights '{full}' for {path} ({type(exc).__name__}: {exc}); "
-                              "train without --imagenet or make timm's cache hold them") from None
-        rep = transfer(module, src.state_dict(), min_fraction=0.3, what=f"ImageNet {full} -> {path}")
-        report.append(rep.summary())
+                              "make timm's cache hold them, or pass --random-init to train from random "
+                              "weights") from None
+        report.append((path, transfer(module, src.state_dict(), min_fraction=0.3, what=f"ImageNet {full} -> {path}")))
     return report

@@ -15,11 +15,15 @@ epochs, stop_at     the cosine schedule spans ``epochs``; training stops after e
                     configs' ``epochs=40, stop_at=29``); null = run all epochs
 lr                  peak learning rate (after warm-up), for ``gpus`` x ``batch_size`` x ``grad_accum`` images
 warmup_epochs       linear warm-up from ``warmup_start * lr`` to ``lr`` (``warmup_start``, default 0)
-batch_size, gpus    images per GPU per step, and the GPU count the original run used
+batch_size, gpus    images per GPU per step, and the GPU count the original run used (``fit`` warns, with the
+                    learning-rate consequence, when it runs on another count)
 grad_accum          gradient accumulation steps
 optimizer           adam (Adam with L2 weight decay, as the originals) | adamw | sgd (momentum 0.9, Nesterov)
-schedule            cosine | poly (power 0.9)
-weight_decay, clip_grad   L2 weight decay; max gradient norm (null = no clipping)
+schedule            cosine | poly (power 0.9), both per iteration | cosine_2020 (the 2020 recognition code's
+                    per-epoch warm-up x10 then cosine over ``epochs - 1``; see :func:`kernel.train.fit.lr_factor`)
+weight_decay, clip_grad   L2 weight decay (default 0, the 2021 ``default_config.py``); max gradient norm
+                    (null = no clipping, as every published config)
+sync_bn             synchronised BatchNorm across GPUs (the 2020 code's apex ``convert_syncbn_model``)
 loss                {"type": "arcface", "s", "margins": "dynamic", "a", "b"} | {"type": "arcface", "s", "m"}
                     | {"type": "softmax"}; ``k``: sub-centres of the ArcFace head
 init                "imagenet" (timm ImageNet weights with ``--imagenet``, else random), "random", or
@@ -30,8 +34,11 @@ sampling_power      0: images drawn uniformly (the originals); p > 0: image weig
 source              where the numbers come from; "(our reading)" marks what no source states
 ==================  ========================================================================================
 
-Sources: the 2021 authors' configs (``configs/cfg_ch_*.py``: DOLG-B7 steps 1-3, DOLG-B5/B6 step 3, the three
-hybrids' last steps), the 2020 3rd-place recognition training commands (the pure EfficientNets) and SPEC §2/§3.
+Sources (``docs/training.md`` has the table of every field with its source): the 2021 authors' configs
+(ChristofHenkel/kaggle-landmark-2021-1st-place ``configs/cfg_ch_*.py``: DOLG-B7 steps 1-3, DOLG-B5/B6 step 3,
+the three hybrids' last steps; ``default_config.py`` for what they leave unset), the 2020 3rd-place recognition
+code (haqishen/Google-Landmark-Recognition-2020-3rd-Place-Solution ``train.py`` and its README's commands: the
+pure EfficientNets) and the 2020 retrieval 3rd-place paper (Mei et al., arXiv 2008.10480).
 """
 from __future__ import annotations
 
@@ -48,8 +55,9 @@ STEP_DEFAULTS = {
     "gpus": 8,
     "optimizer": "adam",
     "schedule": "cosine",
-    "weight_decay": 1e-4,
+    "weight_decay": 0.0,
     "clip_grad": None,
+    "sync_bn": False,
     "loss": {"type": "arcface", "s": 45.0, "margins": "dynamic", "a": 0.45, "b": 0.05, "k": 3},
     "train_only": None,
     "cutmix": False,
@@ -58,37 +66,59 @@ STEP_DEFAULTS = {
 }
 REQUIRED = ("data", "image_size", "epochs", "lr", "batch_size", "init", "source")
 KNOWN = set(STEP_DEFAULTS) | set(REQUIRED) | {"stem_stride", "feature_level", "family"}
+SCHEDULES = ("cosine", "poly", "cosine_2020")
 
 _EFF_TAGS = {"backbone": "ns_jft_in1k", "embedder": "ns_jft_in1k"}
 _SWIN_TAGS = {"backbone": "ms_in22k_ft_in1k", "embedder": "ns_jft_in1k"}
-# the 2020 recognition code: s=80, Adam without weight decay, warm-up from lr/10 over one epoch (GradualWarmup
-# multiplier 10), cosine over the remaining epochs, fp16 (apex O1), 8 GPUs
+_H21 = "ChristofHenkel/kaggle-landmark-2021-1st-place"
+_H20 = "haqishen/Google-Landmark-Recognition-2020-3rd-Place-Solution"
+# the 2020 recognition code (train.py): ArcFace s=80 with the same dynamic margins, Adam without weight decay,
+# apex SyncBN, GradualWarmupSchedulerV2(multiplier 10, 1 epoch) then CosineAnnealingWarmRestarts(epochs - 1),
+# stepped once per epoch: "cosine_2020" (kernel.train.fit.lr_factor). Peak lr = 10 x --init-lr.
 _LOSS_2020 = {"type": "arcface", "s": 80.0, "margins": "dynamic", "a": 0.45, "b": 0.05, "k": 3}
-_Y2020 = dict(loss=_LOSS_2020, weight_decay=0.0, warmup_start=0.1)
+
+
+def _y2020(init_lr: float = 1e-4) -> dict:
+    """The 2020 schedule fields for a command with ``--init-lr init_lr`` (train.py's default 1e-4)."""
+    return dict(loss=_LOSS_2020, weight_decay=0.0, lr=round(10 * init_lr, 12), warmup_start=0.1,
+                schedule="cosine_2020", sync_bn=True)
 
 
 def _dolg_step1(batch_size=64):
     return dict(data="gldv2c", image_size=256, stem_stride=2, epochs=10, lr=1e-4, batch_size=batch_size,
-                init="imagenet", source="cfg_ch_dolg_b7_step1 (SPEC §2: 10 epochs GLDv2c, small images)")
+                weight_decay=1e-4, init="imagenet",
+                source=f"{_H21} configs/cfg_ch_dolg_b7_step1.py (B5/B6 step 1 unpublished: our reading, B7's)")
 
 
-def _dolg_step2(stop_at=29, source="cfg_ch_dolg_b7_step2 (SPEC §2: 30-40 epochs GLDv2x, medium images)"):
+def _dolg_step2(stop_at=29, source=f"{_H21} configs/cfg_ch_dolg_b7_step2.py"):
     return dict(data="gldv2x", image_size=448, stem_stride=2, epochs=40, stop_at=stop_at, lr=1e-4, batch_size=20,
-                init={"step": 1, "pop": []}, source=source)
+                weight_decay=1e-4, init={"step": 1, "pop": []}, source=source)
 
 
 def _hybrid_steps(swin_size, medium, level_medium):
-    """Steps 1-3 of SPEC §1's hybrid schedule (our reading where the configs are not published)."""
+    """Steps 1-2 of SPEC section 1's hybrid schedule (configs unpublished: lr, batch, data of step 2 are our
+    reading; weight decay 0 and no clipping as in every published hybrid config)."""
     return [
         dict(family="swin", data="gldv2c", image_size=swin_size, epochs=10, lr=1e-4, batch_size=32, init="imagenet",
-             source="SPEC §1 hybrid step 1: transformer-neck-head on small images, GLDv2c, 10 epochs "
-                    "(lr, batch: our reading)"),
+             source="paper section 3 / SPEC section 1 hybrid step 1: Swin-neck-head on small images, GLDv2c, 10 "
+                    "epochs (lr, batch: our reading; weight decay 0 as the published hybrid configs)"),
         dict(data="gldv2x", image_size=medium, stem_stride=2, feature_level=level_medium, epochs=1, warmup_epochs=0,
-             lr=1e-4, batch_size=16, train_only=["patch_embed"], clip_grad=1.0,
-             init={"step": 1, "pop": ["patch_embed"]},
-             source="SPEC §1 hybrid step 2: EfficientNet embedding swapped in, rest frozen, one epoch at medium "
-                    "size (data, lr, batch: our reading)"),
+             lr=1e-4, batch_size=16, train_only=["patch_embed"], init={"step": 1, "pop": ["patch_embed"]},
+             source="paper / SPEC section 1 hybrid step 2: pretrained EfficientNet embedding swapped in, rest frozen, "
+                    "one epoch at medium size (data, lr, batch: our reading)"),
     ]
+
+
+def _effnet(gpus0, batch0, steps):
+    """A 2020 3rd-place EfficientNet: train step 0 on full GLDv2 at 256 px, then its ``steps``
+    ``(size, epochs, stop_at, batch, init_lr, source)`` on GLDv2x with 8 GPUs."""
+    out = [dict(data="gldv2", image_size=256, epochs=10, batch_size=batch0, gpus=gpus0, init="imagenet",
+                **_y2020(), source=f"{_H20} README.md, --train-step 0 command")]
+    for k, (size, epochs, stop, batch, init_lr, src) in enumerate(steps, 2):
+        pop = ["metric_classify"] if k == 2 else []  # train.py deletes the head when --train-step is 1
+        out.append(dict(data="gldv2x", image_size=size, epochs=epochs, stop_at=stop, batch_size=batch, gpus=8,
+                        init={"step": k - 1, "pop": pop}, **_y2020(init_lr), source=src))
+    return out
 
 
 RECIPES: dict[str, dict] = {
@@ -97,19 +127,19 @@ RECIPES: dict[str, dict] = {
         "model": "dolg_effnet_b5_768", "pretrained_tags": _EFF_TAGS,
         "steps": [
             _dolg_step1(),
-            _dolg_step2(source="SPEC §2 DOLG step 2 with cfg_ch_dolg_b7_step2's numbers (our reading)"),
-            dict(data="gldv2x", image_size=768, stem_stride=2, epochs=7, lr=5e-5, batch_size=10, weight_decay=0.0,
-                 init={"step": 2, "pop": []}, source="cfg_ch_dolg_b5_step3"),
+            _dolg_step2(source=f"{_H21} configs/cfg_ch_dolg_b7_step2.py (B5 step 2 unpublished: our reading)"),
+            dict(data="gldv2x", image_size=768, stem_stride=2, epochs=7, lr=5e-5, batch_size=10,
+                 init={"step": 2, "pop": []}, source=f"{_H21} configs/cfg_ch_dolg_b5_step3.py"),
         ],
     },
     "dolg_effnet_b6_768": {
         "model": "dolg_effnet_b6_768", "pretrained_tags": _EFF_TAGS,
         "steps": [
             _dolg_step1(),
-            _dolg_step2(stop_at=25, source="cfg_ch_dolg_b6_step3 starts from the 25th epoch of a 2x run "
-                                           "(cfg_ch_dolg_5_s2x ..._e25); other numbers from cfg_ch_dolg_b7_step2"),
-            dict(data="gldv2x", image_size=768, stem_stride=2, epochs=7, lr=1e-4, batch_size=10,
-                 init={"step": 2, "pop": []}, source="cfg_ch_dolg_b6_step3"),
+            _dolg_step2(stop_at=25, source=f"{_H21} configs/cfg_ch_dolg_b6_step3.py starts from epoch 25 of run "
+                                           "cfg_ch_dolg_5_s2x (unpublished); other numbers: cfg_ch_dolg_b7_step2.py"),
+            dict(data="gldv2x", image_size=768, stem_stride=2, epochs=7, lr=1e-4, batch_size=10, weight_decay=1e-4,
+                 init={"step": 2, "pop": []}, source=f"{_H21} configs/cfg_ch_dolg_b6_step3.py"),
         ],
     },
     "dolg_effnet_b7_448_s1": {
@@ -118,8 +148,7 @@ RECIPES: dict[str, dict] = {
             _dolg_step1(),
             _dolg_step2(),
             dict(data="gldv2x", image_size=448, stem_stride=1, epochs=15, lr=5e-5, batch_size=4, grad_accum=4,
-                 init={"step": 2, "pop": []},
-                 source="cfg_ch_dolg_b7_step3 (SPEC §2: stem stride 2 -> 1 instead of a larger last step)"),
+                 weight_decay=1e-4, init={"step": 2, "pop": []}, source=f"{_H21} configs/cfg_ch_dolg_b7_step3.py"),
         ],
     },
     # ---------------------------------------------------------------- Hybrid-Swin-Transformer (2021)
@@ -127,90 +156,81 @@ RECIPES: dict[str, dict] = {
         "model": "hybrid_b3_swin224_896", "pretrained_tags": _SWIN_TAGS,
         "steps": _hybrid_steps(224, 448, 2) + [
             dict(data="gldv2x", image_size=448, stem_stride=2, feature_level=2, epochs=40, stop_at=30, lr=1e-4,
-                 batch_size=16, clip_grad=1.0, init={"step": 2, "pop": []},
-                 source="SPEC §1 hybrid step 3: unfrozen, 30-40 epochs GLDv2x (cfg ..._2x_b3_cutout_s2x, "
-                        "unpublished; numbers our reading)"),
+                 batch_size=16, init={"step": 2, "pop": []},
+                 source="paper / SPEC section 1 hybrid step 3: unfrozen, 30-40 epochs GLDv2x (run "
+                        "cfg_ch_hybrid_swin224_2x_b3_cutout_s2x, unpublished: numbers our reading)"),
             dict(data="gldv2x", image_size=896, stem_stride=2, feature_level=3, epochs=40, stop_at=16, lr=1e-4,
-                 warmup_epochs=0, weight_decay=0.0, batch_size=12, clip_grad=1.0,
-                 init={"step": 3, "pop": ["patch_embed.proj.weight"]},
-                 source="cfg_ch_hybrid_swin224_b3_3x_1: one more pretrained EfficientNet block (level 2 -> 3), "
-                        "large images"),
+                 warmup_epochs=0, batch_size=12, init={"step": 3, "pop": ["patch_embed.proj.weight"]},
+                 source=f"{_H21} configs/cfg_ch_hybrid_swin224_b3_3x_1.py (one more pretrained EfficientNet "
+                        "block: feature level 2 -> 3)"),
         ],
     },
     "hybrid_b5_swin224_448_s1": {
         "model": "hybrid_b5_swin224_448_s1", "pretrained_tags": _SWIN_TAGS,
         "steps": _hybrid_steps(224, 448, 2) + [
             dict(data="gldv2x", image_size=448, stem_stride=2, feature_level=2, epochs=40, stop_at=30, lr=1e-4,
-                 batch_size=16, clip_grad=1.0, init={"step": 2, "pop": []},
-                 source="SPEC §1 hybrid step 3 (cfg ..._2x_b5_cutout_s2x, unpublished; numbers our reading)"),
+                 batch_size=16, init={"step": 2, "pop": []},
+                 source="paper / SPEC section 1 hybrid step 3 (run cfg_ch_hybrid_swin224_2x_b5_cutout_s2x, "
+                        "unpublished: numbers our reading)"),
             dict(data="gldv2x", image_size=448, stem_stride=1, feature_level=3, epochs=40, stop_at=16, lr=5e-5,
-                 weight_decay=0.0, batch_size=8, clip_grad=1.0,
-                 init={"step": 3, "pop": ["patch_embed.proj.weight"]},
-                 source="cfg_ch_hybrid_swin224_b5_s3x: one more block (level 2 -> 3) with stem stride 1 keeps the "
-                        "56x56 token grid at 448 px"),
+                 batch_size=8, init={"step": 3, "pop": ["patch_embed.proj.weight"]},
+                 source=f"{_H21} configs/cfg_ch_hybrid_swin224_b5_s3x.py (one more block, level 2 -> 3, with stem "
+                        "stride 1 keeps the 56x56 token grid at 448 px)"),
         ],
     },
     "hybrid_b6_swin384_384": {
         "model": "hybrid_b6_swin384_384", "pretrained_tags": _SWIN_TAGS,
         "steps": _hybrid_steps(384, 384, 1) + [
             dict(data="gldv2x", image_size=384, stem_stride=2, feature_level=1, epochs=40, stop_at=29, lr=2.5e-4,
-                 weight_decay=0.0, batch_size=16, clip_grad=1.0, init={"step": 2, "pop": []},
-                 source="cfg_ch_hybrid_swin384_b6_s1x_2 (its final model keeps feature level 1: no block "
-                        "insertion step)"),
+                 batch_size=16, init={"step": 2, "pop": []},
+                 source=f"{_H21} configs/cfg_ch_hybrid_swin384_b6_s1x_2.py (it starts from epoch 5 of run "
+                        "cfg_ch_hybrid_swin384_b6_s1x, same architecture, unpublished: our reading, from step 2; "
+                        "no block insertion)"),
         ],
     },
     # ---------------------------------------------------------------- pure EfficientNet (2020 3rd-place recipe)
     "effnet_b3_768": {
         "model": "effnet_b3_768", "pretrained_tags": _EFF_TAGS,
-        "steps": [
-            dict(data="gldv2", image_size=256, epochs=10, lr=1e-3, batch_size=32, init="imagenet", **_Y2020,
-                 source="2020 3rd place b3ns step 0 (--init-lr 1e-4 x warm-up multiplier 10; full GLDv2)"),
-            dict(data="gldv2x", image_size=544, epochs=50, stop_at=16, lr=1e-3, batch_size=22, **_Y2020,
-                 init={"step": 1, "pop": ["metric_classify"]},
-                 source="2020 3rd place b3ns step 1 (the 81,313 clean classes, all their images; head re-made)"),
-            dict(data="gldv2x", image_size=768, epochs=5, lr=5e-4, batch_size=13, **_Y2020,
-                 init={"step": 2, "pop": []}, source="2020 3rd place b3ns step 2 (--init-lr 5e-5)"),
-        ],
+        "steps": _effnet(2, 128, [
+            (544, 40, 29, 17, 1e-4, f"{_H20} README.md B3, --train-step 1 command"),
+            (768, 5, None, 22, 5e-5, f"{_H20} README.md B3, --train-step 2 command"),
+            (768, 5, None, 22, 5e-5, f"{_H20} README.md B3, --train-step 3 command"),
+        ]),
     },
     "effnet_b6_512": {
         "model": "effnet_b6_512", "pretrained_tags": _EFF_TAGS,
-        "steps": [
-            dict(data="gldv2", image_size=256, epochs=10, lr=1e-3, batch_size=32, init="imagenet", **_Y2020,
-                 source="2020 3rd place b6ns step 0 (full GLDv2)"),
-            dict(data="gldv2x", image_size=512, epochs=40, stop_at=28, lr=1e-3, batch_size=22, **_Y2020,
-                 init={"step": 1, "pop": ["metric_classify"]},
-                 source="2020 3rd place b6ns step 1 (the 512 px model the 2021 ensemble uses)"),
-        ],
+        "steps": _effnet(4, 64, [
+            (512, 40, 36, 22, 1e-4, f"{_H20} README.md, second B6 block (the run that ends at 512 px)"),
+        ]),
     },
     "effnet_b5_704": {
         "model": "effnet_b5_704", "pretrained_tags": _EFF_TAGS,
-        "steps": [
-            dict(data="gldv2", image_size=256, epochs=10, lr=1e-3, batch_size=32, init="imagenet", **_Y2020,
-                 source="2020 3rd-place-style step 0 (the published B5 came from another team's code: our reading)"),
-            dict(data="gldv2x", image_size=576, epochs=40, stop_at=33, lr=1e-3, batch_size=24, **_Y2020,
-                 init={"step": 1, "pop": ["metric_classify"]}, source="2020 3rd place b5ns step 1 (our reading)"),
-            dict(data="gldv2x", image_size=704, epochs=5, lr=3e-4, batch_size=13, **_Y2020,
-                 init={"step": 2, "pop": []}, source="2020 3rd place b5ns step 2 at 704 px (our reading)"),
-        ],
+        "steps": _effnet(4, 64, [
+            (576, 40, 33, 24, 1e-4, f"{_H20} README.md, second B5 block (our reading: see docs/training.md, "
+                                    "the 2021 paper credits this model to another team's procedure)"),
+            (704, 5, 4, 13, 3e-5, f"{_H20} README.md, second B5 block's 768 px step, run at 704 px "
+                                  "(our reading)"),
+        ]),
     },
-    # ---------------------------------------------------------------- 2020 retrieval 3rd place (SPEC §3)
+    # ---------------------------------------------------------------- 2020 retrieval 3rd place (SPEC section 3)
     **{
         f"retrieval2020_{short}": {
             "arch": {"name": f"retrieval2020_{short}", "family": "retrieval2020", "backbone": backbone},
             "pretrained_tags": {"backbone": tag},
             "steps": [
-                dict(data="gldv2c", image_size=448, epochs=10, lr=0.01, batch_size=32, optimizer="sgd",
+                dict(data="gldv2c", image_size=448, epochs=e1, lr=0.01, batch_size=32, optimizer="sgd", weight_decay=1e-4,
                      schedule="poly", warmup_epochs=0, loss={"type": "softmax"}, init="imagenet",
-                     source="SPEC §3: softmax pre-training on GLDv2c, SGD lr 0.01 poly, 448 px (epochs, batch: "
-                            "our reading)"),
-                dict(data="gldv2_clustered", image_size=448, epochs=10, lr=0.01, batch_size=32, optimizer="sgd",
+                     source="Mei et al. 2020 (arXiv 2008.10480), training details: softmax pre-training on GLDv2c, "
+                            "SGD lr 0.01 poly, 448 px (batch, weight decay: our reading)"),
+                dict(data="gldv2_clustered", image_size=448, epochs=e2, lr=0.01, batch_size=32, optimizer="sgd", weight_decay=1e-4,
                      schedule="poly", warmup_epochs=0, loss={"type": "arcface", "s": 30.0, "m": 0.3, "k": 1},
                      cutmix=True, init={"step": 1, "pop": ["head."]},
-                     source="SPEC §3: ArcFace m=0.3 s=30 on the DBSCAN-cleaned data with Corner-Cutmix "
-                            "(epochs, batch: our reading)"),
+                     source="Mei et al. 2020 (arXiv 2008.10480), training details: ArcFace m=0.3 s=30 on the "
+                            "DBSCAN-cleaned data with Corner-Cutmix (batch, weight decay: our reading)"),
             ],
         }
-        for short, backbone, tag in (("resnet152", "resnet152", "tv_in1k"), ("resnest200", "resnest200e", "in1k"))
+        for short, backbone, tag, e1, e2 in (("resnet152", "resnet152", "tv_in1k", 24, 12),
+                                             ("resnest200", "resnest200e", "in1k", 12, 6))
     },
 }
 
@@ -240,7 +260,7 @@ def validate_recipe(name: str, recipe: dict) -> None:
             raise KernelError(f"{where}: field 'stop_at' must lie in 1..epochs (got {s['stop_at']})")
         if not (isinstance(s["lr"], float) and s["lr"] > 0):
             raise KernelError(f"{where}: field 'lr' must be a positive float (got {s['lr']!r})")
-        if s["optimizer"] not in ("adam", "adamw", "sgd") or s["schedule"] not in ("cosine", "poly"):
+        if s["optimizer"] not in ("adam", "adamw", "sgd") or s["schedule"] not in SCHEDULES:
             raise KernelError(f"{where}: unknown optimizer/schedule {s['optimizer']!r}/{s['schedule']!r}")
         if s.get("stem_stride", 2) not in (1, 2):
             raise KernelError(f"{where}: field 'stem_stride' must be 1 or 2")

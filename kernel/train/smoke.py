@@ -68,7 +68,7 @@ def smoke_step(entry: dict, image_size: int, epochs: int, batch_size: int, lr: f
 
     arch = dict(entry, image_size=image_size) if entry["family"] != "hybrid" else dict(entry)
     return {**STEP_DEFAULTS, "data": "gldv2", "image_size": arch["image_size"], "epochs": epochs, "lr": lr,
-            "batch_size": batch_size, "init": "random", "source": "smoke", "warmup_epochs": 1,
+            "batch_size": batch_size, "init": "random", "source": "smoke", "warmup_epochs": 1, "gpus": 1,
             "warmup_start": 0.1, "weight_decay": 1e-4, "clip_grad": 5.0,
             "loss": {"type": "arcface", "s": 30.0, "margins": "dynamic", "a": 0.45, "b": 0.05, "k": 3},
             "arch": arch, "recipe": f"smoke_{entry['family']}", "step": 1, "n_steps": 1, "pretrained_tags": {}}
