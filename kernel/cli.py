@@ -30,6 +30,10 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# commands that load checkpoints (they take --trust-checkpoint)
+CHECKPOINT_COMMANDS = ("profile", "predict", "extract", "bundle")
+
+
 def _load(name: str):
     return importlib.import_module(COMMANDS[name])
 
@@ -49,7 +53,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         mod = _load(name)
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
+        if name in CHECKPOINT_COMMANDS:
+            add_trust_argument(p)
     return parser
+
+
+def add_trust_argument(p) -> None:
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load checkpoints that hold more than tensors with full unpickling, which can run code "
+                   "(default: only when the manifest pins the file's sha256; logged)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +99,10 @@ def run_command(fn, args, verbose: bool = False, quiet: bool = False) -> int:
     """Every entry point's error boundary: logging set up, KernelError -> one ``error:`` line, exit 2."""
     setup_logging(verbose, quiet)
     try:
+        if getattr(args, "trust_checkpoint", False):
+            from kernel.models.checkpoint import trust_all_checkpoints
+
+            trust_all_checkpoints()
         return int(fn(args) or 0)
     except KernelError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -153,7 +169,7 @@ def output_file(out, option: str = "--out", inputs=(), side_files=()) -> Path:
             if src.is_dir() and target.exists() and _inside(target, src):
                 raise KernelError(f"{label}: {target} is a file inside the input folder {src}; write elsewhere")
         _check_parent(target, option)
-    return path
+    return Path(out)
 
 
 def output_dir(out, option: str = "--out", inputs=()) -> Path:
@@ -170,11 +186,12 @@ def output_dir(out, option: str = "--out", inputs=()) -> Path:
         if inp is None or not os.fspath(inp):
             continue
         src = _resolved(inp)
-        if src.exists() and (_inside(path, src if src.is_dir() else src.parent) and src.is_dir()
-                             or path.exists() and _inside(src, path)):
+        out_in_input = src.is_dir() and _inside(path, src)
+        input_in_out = src.exists() and path.exists() and _inside(src, path)
+        if out_in_input or input_in_out:
             raise KernelError(f"{option} {path}: overlaps the input {src}; use a folder outside the inputs")
     _check_parent(path / "x", option) if path.is_dir() else _check_parent(path, option)
-    return path
+    return Path(out)
 
 
 def claim_dir(out, marker: str, owned=(), option: str = "--out") -> Path:

@@ -13,6 +13,8 @@ HELP = "re-rank / post-process the descriptors of a store and write a checked su
 
 
 def add_arguments(parser) -> None:
+    from kernel.cli import number
+
     parser.add_argument("--track", required=True, choices=["recognition", "retrieval"])
     parser.add_argument("--store", required=True, help="descriptor store (STORE/<model>/<split>.npz + meta.json)")
     parser.add_argument("--train-labels", required=True, help="train.csv with columns id,landmark_id")
@@ -25,14 +27,14 @@ def add_arguments(parser) -> None:
                         help="CPU k-NN: score in bfloat16, rescore the candidates in float32 (same exact result; "
                              "auto: where this CPU has fast bfloat16 products; off: float32 throughout)")
     g = parser.add_argument_group("constants (SPEC section 4; defaults are the papers' values)")
-    g.add_argument("--knn-k", type=int, default=None, help="neighbours of the k-NN label (3)")
-    g.add_argument("--down-weight", type=float, default=None, help="soft re-ranking down-weight (0.1)")
-    g.add_argument("--soft-keep", type=int, default=None, help="soft re-ranking: index images kept per model (750)")
-    g.add_argument("--n-results", type=int, default=None, help="retrieval answers per query (100)")
-    g.add_argument("--insert-threshold", type=float, default=None, help="two-stage: conf(q)+conf(i) threshold (0.6)")
-    g.add_argument("--bank-k-train", type=int, default=None, help="recognition: B(t) over the 5 nearest non-landmarks")
-    g.add_argument("--bank-k-query", type=int, default=None, help="recognition: C(q) over the 10 nearest non-landmarks")
-    g.add_argument("--conf-divisor", type=float, default=None,
+    g.add_argument("--knn-k", type=number(int, 1), default=None, help="neighbours of the k-NN label (3)")
+    g.add_argument("--down-weight", type=number(float), default=None, help="soft re-ranking down-weight (0.1)")
+    g.add_argument("--soft-keep", type=number(int, 1), default=None, help="soft re-ranking: index images kept per model (750)")
+    g.add_argument("--n-results", type=number(int, 1, submission.MAX_IMAGES), default=None, help="retrieval answers per query (100)")
+    g.add_argument("--insert-threshold", type=number(float), default=None, help="two-stage: conf(q)+conf(i) threshold (0.6)")
+    g.add_argument("--bank-k-train", type=number(int, 1), default=None, help="recognition: B(t) over the 5 nearest non-landmarks")
+    g.add_argument("--bank-k-query", type=number(int, 1), default=None, help="recognition: C(q) over the 10 nearest non-landmarks")
+    g.add_argument("--conf-divisor", type=number(float, 0, exclusive_min=True), default=None,
                    help="retrieval k-NN confidence = similarity sum / this (default: --knn-k, our reading)")
     g.add_argument("--no-renormalize", action="store_true",
                    help="recognition: do not L2-normalise the concatenated family descriptor (our reading: do)")
@@ -40,6 +42,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from kernel.cli import output_file
+
+    output_file(args.out, "--out", inputs=[args.store, args.train_labels])
     progress = not args.no_progress
     search.DEFAULT_PREFILTER = args.search_prefilter
     if args.track == "retrieval":
