@@ -185,9 +185,9 @@ def predict(
         raise KernelError(f"--reserve-minutes must be a number >= 0 (got {reserve_minutes})")
     deadline = t0 + deadline_hours * 3600
     reserve = (reserve_minutes * 60) if reserve_minutes is not None else min(1800.0, 0.05 * deadline_hours * 3600)
+    _check_paths(out, data, manifest, weights, store, index_store, train_labels, nonlandmark, work)
     data, out = Path(data), Path(out)
     params = dict(params or {})
-    _check_paths(out, data, manifest, weights, store, index_store, train_labels, nonlandmark, work)
 
     entries = select(load_manifest(manifest), models, track)
     if not entries:
@@ -321,7 +321,7 @@ def predict(
     return report
 
 
-def _check_paths(out: Path, data, manifest, weights, store, index_store, train_labels, nonlandmark, work) -> None:
+def _check_paths(out, data, manifest, weights, store, index_store, train_labels, nonlandmark, work) -> None:
     """``--out`` (and the log beside it) must be a regular file path that is none of the run's inputs."""
     from kernel.cli import output_file
 
