@@ -163,6 +163,12 @@ HOSTILE = [
         (t / "sol.csv").write_text("id,images,Usage\nq1,i1,Public\n")),
         lambda t: ["validate", "--track", "retrieval", "--submission", "sub.csv", "--solution", "sol.csv"],
         r"sub\.csv:2: parts must be separated by spaces"),
+    Case("validate: an index id that is not in the index", lambda t: (
+        _jpeg(t / "idx" / "i1.jpg"),
+        (t / "sub.csv").write_text("id,images\nq1,i1 zz9\n"),
+        (t / "sol.csv").write_text("id,images,Usage\nq1,i1,Public\n")),
+        lambda t: ["validate", "--track", "retrieval", "--submission", "sub.csv", "--solution", "sol.csv",
+                   "--index", "idx"], r"row q1 names zz9, which is not an index id"),
     Case("validate: latin-1 file", lambda t: (
         (t / "sub.csv").write_bytes("id,images\nq\xe9,i1\n".encode("latin-1")),
         (t / "sol.csv").write_text("id,images,Usage\nq1,i1,Public\n")),
@@ -385,6 +391,17 @@ def test_undecodable_and_csv_unsafe_names_are_logged_failures_not_tracebacks(tmp
     assert out.read_text() == "id,landmarks\nabc001,\n"
     log = json.loads((tmp_path / "s.log.json").read_text())
     assert "ab,c02" in log["failures"]
+
+
+def test_folder_symlink_loop_is_walked_once(tmp_path, caplog):
+    from kernel.data.sources import kaggle_split
+
+    competition(tmp_path)
+    (tmp_path / "data" / "test" / "a" / "loop").symlink_to(tmp_path / "data" / "test")
+    with caplog.at_level("WARNING"):
+        ids = [r.id for r in kaggle_split(tmp_path / "data", "test")]
+    assert ids == ["abc001", "abd002"]
+    assert "symbolic link loop" in caplog.text
 
 
 def test_interrupt_leaves_the_log(tmp_path, monkeypatch, capsys):

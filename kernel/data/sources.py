@@ -36,9 +36,17 @@ class Record(NamedTuple):
 
 
 def _walk_images(root: Path) -> list[Path]:
-    """Image files under ``root`` (recursive, hidden files and folders skipped), in no particular order."""
-    found = []
+    """Image files under ``root`` (recursive, hidden files and folders skipped), in no particular order.
+    Linked folders are followed once each: a link back to a folder already walked (a loop) is skipped."""
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            log.warning("%s: folder already walked (a symbolic link loop?): skipped",
+                        dirpath.encode("utf-8", "backslashreplace").decode() if isinstance(dirpath, str) else dirpath)
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
