@@ -47,6 +47,19 @@ def id_problem(text: str) -> str | None:
     return None
 
 
+def first_bad_id(ids) -> tuple[str, str] | None:
+    """``(id, why)`` for the first of ``ids`` that a CSV field cannot hold, or ``None`` (one pass over all)."""
+    ids = list(ids)
+    joined = "".join(ids)
+    if "" not in ids and not _UNSAFE_ID.search(joined):
+        try:
+            joined.encode("utf-8")
+            return None
+        except UnicodeEncodeError:
+            pass
+    return next((i, id_problem(i)) for i in ids if id_problem(i))
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise KernelError(f"{path}: train labels file not found")

@@ -14,15 +14,18 @@ import io
 import logging
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
 from kernel.errors import KernelError
+from kernel.labels import first_bad_id, landmark_id_problem
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = {"recognition": "landmarks", "retrieval": "images"}
 MAX_IMAGES = 100
+_OTHER_SPACE = re.compile(r"[^\S ]")  # whitespace other than the space that separates a field's parts
 
 
 def _column(track: str) -> str:
@@ -83,13 +86,11 @@ def write_submission(track: str, predictions: dict, test_ids, path) -> Path:
         predictions: ids missing here get an empty field; ids not in ``test_ids`` are dropped (logged).
         test_ids: every test id, each once.
     """
-    from kernel.labels import id_problem
-
     column = _column(track)
     test_ids = [str(i) for i in test_ids]
-    for i in test_ids:
-        if id_problem(i):
-            raise KernelError(f"test id {i.encode('utf-8', 'backslashreplace').decode()!r} {id_problem(i)}")
+    bad = first_bad_id(test_ids)
+    if bad:
+        raise KernelError(f"test id {bad[0].encode('utf-8', 'backslashreplace').decode()!r} {bad[1]}")
     if len(set(test_ids)) != len(test_ids):
         seen: set[str] = set()
         dup = next(i for i in test_ids if i in seen or seen.add(i))
@@ -154,11 +155,10 @@ def _parse_field(track: str, field: str, where: str):
     """One field, compared later as text as Kaggle does: ids and landmark ids are kept exactly as written
     (no ``int()`` normalisation: ``+1005`` or ``1_005`` would never match ``1005`` on Kaggle, so they are
     refused); parts are separated by single spaces (a tab or newline is refused)."""
-    from kernel.labels import id_problem, landmark_id_problem
 
     if not field:
         return None
-    if any(c.isspace() and c != " " for c in field):
+    if _OTHER_SPACE.search(field):
         raise KernelError(f"{where}: parts must be separated by spaces (found a tab or other whitespace)")
     parts = field.split()
     if track == "recognition":
@@ -176,9 +176,9 @@ def _parse_field(track: str, field: str, where: str):
         return parts[0], conf
     if len(parts) > MAX_IMAGES:
         raise KernelError(f"{where}: {len(parts)} index ids, at most {MAX_IMAGES} allowed")
-    for i in parts:
-        if id_problem(i):
-            raise KernelError(f"{where}: index id {i[:40]!r} {id_problem(i)}")
+    bad = first_bad_id(parts)
+    if bad:
+        raise KernelError(f"{where}: index id {bad[0][:40]!r} {bad[1]}")
     return parts
 
 
