@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "extract": "kernel.extract",
     "bundle": "kernel.bundle",
     "postprocess": "kernel.postprocess.cli",
+    "prepare": "kernel.prepare",
     "validate": "kernel.validate",
 }
 

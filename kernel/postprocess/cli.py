@@ -23,6 +23,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rerank", default="soft", choices=list(pipeline.RERANKS),
                         help="retrieval re-ranking (default: soft, the 2021 solution)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--memory-gb", type=float, default=10.0,
+                        help="memory budget of the process in GiB (default 10, the smallest Kaggle machine): "
+                             "sizes the passes over the streamed train / index descriptors")
+    parser.add_argument("--prepared", action="append", default=None, metavar="DIR",
+                        help="folder of prepared artefacts (python -m kernel prepare); default STORE/prepared; "
+                             "repeatable. Used only where their fingerprints match")
     parser.add_argument("--search-prefilter", default="auto", choices=list(search.PREFILTERS),
                         help="CPU k-NN: score in bfloat16, rescore the candidates in float32 (same exact result; "
                              "auto: where this CPU has fast bfloat16 products; off: float32 throughout)")
@@ -53,14 +59,15 @@ def run(args) -> int:
                       conf_divisor=args.conf_divisor)
         preds = pipeline.retrieval_from_store(
             args.store, args.train_labels, models=args.models, rerank=args.rerank, device=args.device,
-            progress=progress, **{k: v for k, v in params.items() if v is not None},
+            progress=progress, prepared_dirs=args.prepared, memory_gb=args.memory_gb,
+            **{k: v for k, v in params.items() if v is not None},
         )
     else:
         params = dict(knn_k=args.knn_k, bank_k_train=args.bank_k_train, bank_k_query=args.bank_k_query,
                       renormalize=False if args.no_renormalize else None)
         preds = pipeline.recognition_from_store(
             args.store, args.train_labels, models=args.models, device=args.device, progress=progress,
-            **{k: v for k, v in params.items() if v is not None},
+            prepared_dirs=args.prepared, memory_gb=args.memory_gb, **{k: v for k, v in params.items() if v is not None},
         )
     test_ids = list(preds)
     submission.write_submission(args.track, preds, test_ids, args.out)

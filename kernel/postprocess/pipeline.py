@@ -12,6 +12,7 @@ part-way) is answered by those models.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,11 @@ import pandas as pd
 
 from kernel import search, store
 from kernel.errors import KernelError
+from kernel.postprocess import prepared
 from kernel.postprocess import recognition as rec
 from kernel.postprocess import retrieval as ret
 from kernel.postprocess.knn import knn_labels
+from kernel.rows import EnsembleRows, FamilyRows, SplitRows
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +88,8 @@ def select_models(store_dir, track: str, models=None) -> list[dict]:
 
 
 class ModelSplits:
-    """Lazy, validated access to one model's splits (all must have the same width)."""
+    """Validated access to one model's splits (all must have the same width): ``load`` reads a small
+    split (test) into memory, ``rows`` opens a database-side split to be read block by block."""
 
     def __init__(self, store_dir, meta: dict):
         self.store, self.meta, self.name = store_dir, meta, meta["name"]
@@ -98,6 +102,11 @@ class ModelSplits:
         ids, emb = store.load_split(self.store, self.name, split, dtype=np.float32, dim=self.dim)
         self.dim = emb.shape[1]
         return ids, emb
+
+    def rows(self, split: str) -> SplitRows:
+        r = SplitRows(self.path(split), dim=self.dim)
+        self.dim = r.dim
+        return r
 
     def path(self, split: str) -> Path:
         return store.split_path(self.store, self.name, split)
@@ -123,19 +132,21 @@ def store_test_ids(store_dir, metas: list[dict]) -> list[str]:
     return sorted(ids)
 
 
-def _align(ids: np.ndarray, emb: np.ndarray, ref: np.ndarray, path: Path, ref_path: Path) -> np.ndarray:
-    """Rows of ``emb`` in the order of ``ref``; the id sets must be equal."""
-    if len(ids) == len(ref) and np.array_equal(ids, ref):
-        return emb
-    pos = pd.Index(ids).get_indexer(ref)
-    if len(ids) != len(ref) or (pos < 0).any():
-        extra = np.setdiff1d(ids, ref)
-        missing = np.setdiff1d(ref, ids)
-        first = f"e.g. {missing[0]} missing" if len(missing) else f"e.g. {extra[0]} extra"
-        raise KernelError(
-            f"{path}: ids do not match {ref_path} ({len(missing)} missing, {len(extra)} extra; {first})"
-        )
-    return emb[pos]
+def _codes(values, codes_of: dict) -> np.ndarray:
+    """Integer codes of landmark ids (str), shared across models through ``codes_of`` (new ids appended);
+    an empty string (no label) is ``-1``."""
+    inverse, uniq = pd.factorize(pd.Series(values, dtype=object).astype(str), sort=False)
+    table = np.asarray([codes_of.setdefault(v, len(codes_of)) if v != "" else -1 for v in uniq], np.int64)
+    return table[inverse] if len(inverse) else np.zeros(0, np.int64)
+
+
+def _landmarks_of(codes: np.ndarray, codes_of: dict) -> np.ndarray:
+    """Inverse of :func:`_codes`: landmark id strings of codes (``-1`` -> "")."""
+    names = np.empty(len(codes_of) + 1, dtype=object)
+    names[-1] = ""
+    for v, c in codes_of.items():
+        names[c] = v
+    return names[np.asarray(codes, np.int64)].astype(str)
 
 
 def _train_codes(ids: np.ndarray, labels: pd.Series, path: Path, codes_of: dict) -> np.ndarray:
@@ -144,10 +155,54 @@ def _train_codes(ids: np.ndarray, labels: pd.Series, path: Path, codes_of: dict)
     if lab.isna().any():
         missing = ids[lab.isna().to_numpy()]
         raise KernelError(f"{path}: {len(missing)} train ids have no landmark_id in the train labels (first: {missing[0]})")
-    out = np.empty(len(ids), np.int64)
-    for j, v in enumerate(lab.to_numpy()):
-        out[j] = codes_of.setdefault(v, len(codes_of))
-    return out
+    return _codes(lab.to_numpy(), codes_of)
+
+
+@dataclass
+class Reuse:
+    """Where prepared artefacts are looked up (``dirs``, first match wins) and where the ones computed
+    in this run are saved for the next (``cache``, e.g. predict's working folder; None: nowhere)."""
+
+    dirs: list = field(default_factory=list)
+    cache: Path | None = None
+
+    @classmethod
+    def of(cls, store_dir, prepared_dirs=None, cache_dir=None) -> "Reuse":
+        dirs = [Path(d) for d in (prepared_dirs if prepared_dirs is not None else [prepared.prepared_dir(store_dir)])]
+        cache = Path(cache_dir) if cache_dir else None
+        return cls(dirs + ([cache] if cache and cache not in dirs else []), cache)
+
+    def find(self, name: str, fp: dict) -> Path | None:
+        return prepared.find(self.dirs, name, fp)
+
+    def save(self, name: str, fp: dict, ids, **arrays) -> None:
+        if self.cache is not None:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            prepared.write(self.cache / name, fp, ids, **arrays)
+
+
+def pass_bytes(memory_gb: float | None) -> int | None:
+    """Bytes of one pass over a streamed database for a process budget of ``memory_gb``: a sixteenth of
+    it (the pass in float32, its bfloat16 copy, the score blocks and the per-row arrays fit well inside),
+    between 64 MiB and 1 GiB. ``None``: the search's default (512 MiB)."""
+    if memory_gb is None:
+        return None
+    return int(min(1 << 30, max(64 << 20, memory_gb * (1 << 30) / 16)))
+
+
+def _labels_artefact(reuse: Reuse, name: str, fp: dict, ids: np.ndarray, codes_of: dict, compute):
+    """k-NN (labels, conf) of database rows ``ids``: from a prepared artefact when one matches ``fp``,
+    else ``compute()`` (saved to the cache)."""
+    path = reuse.find(name, fp)
+    if path is not None:
+        a_ids, lms, conf = prepared.load_arrays(path, "ids", "landmarks", "conf")
+        pos = pd.Index(a_ids.astype(str)).get_indexer(ids)
+        if (pos < 0).any():
+            raise KernelError(f"{path}: ids do not match the store although the fingerprint does")
+        return _codes(lms[pos], codes_of), conf[pos].astype(np.float32)
+    lab, conf = compute()
+    reuse.save(name, fp, ids, landmarks=_landmarks_of(lab, codes_of), conf=conf)
+    return lab, conf
 
 
 def _query_rows(test_ids: list[str], ids: np.ndarray) -> np.ndarray:
@@ -164,6 +219,9 @@ def retrieval_from_store(
     rerank: str = "soft",
     device=None,
     progress: bool = True,
+    prepared_dirs=None,
+    cache_dir=None,
+    memory_gb: float | None = None,
     **params,
 ) -> dict[str, list[str]]:
     """Retrieval answers for every test id of the store: query id -> up to ``n_results`` index ids.
@@ -171,7 +229,10 @@ def retrieval_from_store(
     ``rerank``: ``soft`` (2021, default), ``two-stage`` (2019) or ``none`` (ensemble cosine). ``params``:
     ``knn_k`` (3), ``down_weight`` (0.1), ``soft_keep`` (750), ``n_results`` (100),
     ``insert_threshold`` (0.6), ``conf_divisor`` (None = ``knn_k``). Splits used: ``test``, ``index``,
-    ``train`` of every model.
+    ``train`` of every model; ``index`` and ``train`` are streamed from disk (``memory_gb`` sizes the
+    passes, :func:`pass_bytes`). The index images' k-NN labels come from a prepared artefact of
+    ``prepared_dirs`` (default ``STORE/prepared``) when its fingerprint matches, else are computed (and
+    saved in ``cache_dir`` when given).
     """
     if rerank not in RERANKS:
         raise KernelError(f"unknown re-ranking '{rerank}' (choose from {', '.join(RERANKS)})")
@@ -186,36 +247,43 @@ def retrieval_from_store(
         "retrieval (%s re-ranking) with %d model(s) on %s: %d test ids",
         rerank, len(metas), dev, len(test_ids),
     )
+    ctx = dict(reuse=Reuse.of(store_dir, prepared_dirs, cache_dir), labels=labels,
+               labels_fp=prepared.labels_digest(labels) if labels is not None else None,
+               kw=dict(device=dev, progress=progress, pass_bytes=pass_bytes(memory_gb)))
     if rerank == "soft":
-        index_ids, ranked = _soft(splits, labels, test_ids, p, dev, progress)
+        index_ids, ranked = _soft(splits, test_ids, p, ctx)
     else:
-        index_ids, ranked = _concatenated(splits, labels, test_ids, rerank, p, dev, progress)
+        index_ids, ranked = _concatenated(splits, test_ids, rerank, p, ctx)
     return {q: [str(index_ids[j]) for j in rows] for q, rows in zip(test_ids, ranked)}
 
 
-def _soft(splits, labels, test_ids, p, dev, progress):
+def _knn_fp(kind: str, splits, p: dict, ctx: dict) -> dict:
+    models = [prepared.model_fingerprint(ms.meta, ms.store, ("index", "train")) for ms in splits]
+    return prepared.fingerprint(kind, models, {"knn_k": p["knn_k"], "conf_divisor": p["conf_divisor"]},
+                                labels=ctx["labels_fp"])
+
+
+def _soft(splits, test_ids, p, ctx):
     """2021 soft up/down re-ranking, model by model, then the summed ensemble."""
     index_pos: dict[str, int] = {}  # global index rows: first model's order, new ids appended
     per_model = []
     codes_of: dict = {}
-    n_q = len(test_ids)
+    n_q, kw = len(test_ids), ctx["kw"]
     for ms in splits:
         q_ids, q = ms.load("test")
-        i_ids, idx = ms.load("index")
-        t_ids, train = ms.load("train")
-        t_codes = _train_codes(t_ids, labels, ms.path("train"), codes_of)
+        idx, train = ms.rows("index"), ms.rows("train")
+        t_codes = _train_codes(train.ids, ctx["labels"], ms.path("train"), codes_of)
         logger.info("%s: %d queries, %d index, %d train descriptors", ms.name, len(q), len(idx), len(train))
-        kw = dict(device=dev, progress=progress)
-        train = search.to_device(train, dev, search.compute_dtype(dev))  # moved once, searched twice
         q_lab, _ = knn_labels(q, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
                               desc=f"{ms.name} test labels", **kw)
-        i_lab, i_conf = knn_labels(idx, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
-                                   desc=f"{ms.name} index labels", **kw)
-        del train
+        i_lab, i_conf = _labels_artefact(
+            ctx["reuse"], f"retrieval_{ms.name}.npz", _knn_fp("retrieval-index-labels", [ms], p, ctx), idx.ids,
+            codes_of, lambda: knn_labels(idx, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
+                                         desc=f"{ms.name} index labels", **kw))
         scores, rows = ret.soft_scores(
             q, idx, q_lab, i_lab, i_conf, keep=p["soft_keep"], down=p["down_weight"], desc=f"{ms.name} soft", **kw
         )
-        glob = np.asarray([index_pos.setdefault(str(i), len(index_pos)) for i in i_ids], dtype=np.int64)
+        glob = np.asarray([index_pos.setdefault(str(i), len(index_pos)) for i in idx.ids], dtype=np.int64)
         if ms is splits[0]:
             n_index_first = len(index_pos)
         full_s = np.zeros((n_q, scores.shape[1]), np.float32)
@@ -228,20 +296,15 @@ def _soft(splits, labels, test_ids, p, dev, progress):
             "the models' index splits hold different ids (%d in the first, %d in all): each model scores "
             "the ids it holds", n_index_first, len(index_pos),
         )
-    ranked = ret.sum_ensemble(per_model, len(index_pos), n_results=p["n_results"], progress=progress)
+    ranked = ret.sum_ensemble(per_model, len(index_pos), n_results=p["n_results"], progress=kw["progress"])
     index_ids = np.asarray(list(index_pos), dtype=object)
     return index_ids, ranked
 
 
-def _ensemble_side(splits, split: str, dtype, dev):
-    """Concatenated database-side descriptors of ``split`` (ids aligned to the first model)."""
-    ref_ids, ref_path, arrays = None, None, []
-    for ms in splits:
-        ids, emb = ms.load(split)
-        if ref_ids is None:
-            ref_ids, ref_path = ids, ms.path(split)
-        arrays.append(_align(ids, emb, ref_ids, ms.path(split), ref_path))
-    return ref_ids, ret.ensemble_descriptors(arrays, dtype=dtype, device=dev)
+def _aligned_rows(splits, split: str) -> list[SplitRows]:
+    """Every model's ``split`` as rows in the order of the first model's ids (the id sets must agree)."""
+    first = splits[0].rows(split)
+    return [first] + [ms.rows(split).aligned_to(first.ids, str(first.path)) for ms in splits[1:]]
 
 
 def _ensemble_queries(splits, test_ids, dtype, dev):
@@ -259,29 +322,30 @@ def _ensemble_queries(splits, test_ids, dtype, dev):
     return have, ret.ensemble_descriptors(arrays, present, dtype=dtype, device=dev)
 
 
-def _concatenated(splits, labels, test_ids, rerank, p, dev, progress):
+def _concatenated(splits, test_ids, rerank, p, ctx):
     """Ensemble cosine ranking (``none``) and the 2019 two-stage re-ranking on concatenated descriptors."""
-    dt = search.compute_dtype(dev)
-    have, q = _ensemble_queries(splits, test_ids, dt, dev)
-    index_ids, idx = _ensemble_side(splits, "index", dt, dev)
-    kw = dict(device=dev, progress=progress)
-    k0 = p["n_results"]
-    _, initial = search.topk(q, idx, k0, desc="ensemble cosine", **kw)
+    kw = ctx["kw"]
+    dev = kw["device"]
+    have, q = _ensemble_queries(splits, test_ids, search.compute_dtype(dev), dev)
+    idx = EnsembleRows(_aligned_rows(splits, "index"))
+    _, initial = search.topk(q, idx, p["n_results"], desc="ensemble cosine", **kw)
     if rerank == "two-stage":
-        t_ids, train = _ensemble_side(splits, "train", dt, dev)
-        t_codes = _train_codes(t_ids, labels, splits[0].path("train"), {})
+        train = EnsembleRows(_aligned_rows(splits, "train"))
+        codes_of: dict = {}
+        t_codes = _train_codes(train.ids, ctx["labels"], splits[0].path("train"), codes_of)
         q_lab, q_conf = knn_labels(q, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
                                    desc="test labels", **kw)
-        i_lab, i_conf = knn_labels(idx, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
-                                   desc="index labels", **kw)
-        del train
+        i_lab, i_conf = _labels_artefact(
+            ctx["reuse"], "two_stage.npz", _knn_fp("two-stage-index-labels", splits, p, ctx), idx.ids, codes_of,
+            lambda: knn_labels(idx, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
+                               desc="index labels", **kw))
         ranked = ret.two_stage(
             initial, None, q_lab, q_conf, i_lab, i_conf, n_results=p["n_results"], threshold=p["insert_threshold"]
         )
     else:
         ranked = list(initial)
     ranked = [r if h else r[:0] for r, h in zip(ranked, have)]
-    return index_ids, ranked
+    return idx.ids, ranked
 
 
 # ---------------------------------------------------------------- recognition
@@ -297,17 +361,22 @@ def recognition_from_store(
     models=None,
     device=None,
     progress: bool = True,
+    prepared_dirs=None,
+    cache_dir=None,
+    memory_gb: float | None = None,
     **params,
 ) -> dict[str, tuple[str, float] | None]:
     """Recognition answers for every test id of the store: id -> (landmark_id, confidence) or ``None``.
 
     Family-averaged descriptors of ``test``, ``train`` and, when every model has it, ``nonlandmark``
     (the non-landmark bank); without a bank it is plain k-NN voting. ``params``: ``knn_k`` (3),
-    ``bank_k_train`` (5), ``bank_k_query`` (10), ``clip`` ((0, 1)), ``renormalize`` (True).
+    ``bank_k_train`` (5), ``bank_k_query`` (10), ``clip`` ((0, 1)), ``renormalize`` (True). The train and
+    bank family descriptors are computed block by block from the models' splits (never all in memory)
+    or read from prepared artefacts, as is B(t) (see :func:`retrieval_from_store` for ``prepared_dirs``,
+    ``cache_dir``, ``memory_gb``).
     """
     p = _params(RECOGNITION_PARAMS, params)
     dev = search.resolve_device(device)
-    dt = search.compute_dtype(dev)
     metas = select_models(store_dir, "recognition", models)
     labels = read_train_labels(train_labels)
     test_ids = store_test_ids(store_dir, metas)
@@ -326,8 +395,24 @@ def recognition_from_store(
     if any(with_bank) and not all(with_bank):
         lacking = next(ms for g in groups for ms in g if not ms.has("nonlandmark"))
         raise KernelError(f"{lacking.path('nonlandmark')}: missing split 'nonlandmark' (other models have one)")
+    kw = dict(device=dev, progress=progress, pass_bytes=pass_bytes(memory_gb))
+    have, test = _family_queries(groups, test_ids, p["renormalize"], dev)
+    train, bank, bias = _recognition_reference(groups, all(with_bank), p, Reuse.of(store_dir, prepared_dirs, cache_dir), kw)
+    codes_of: dict = {}
+    t_codes = _train_codes(train.ids, labels, groups[0][0].path("train"), codes_of)
+    codes, conf = rec.recognize(
+        test, train, t_codes, bank, k=p["knn_k"], bank_k_train=p["bank_k_train"], bank_k_query=p["bank_k_query"],
+        clip=tuple(p["clip"]), train_bias=bias, **kw,
+    )
+    landmark_of = _landmarks_of(np.arange(len(codes_of)), codes_of)
+    out: dict[str, tuple[str, float] | None] = {}
+    for j, q in enumerate(test_ids):
+        out[q] = (str(landmark_of[codes[j]]), float(conf[j])) if have[j] and codes[j] >= 0 else None
+    return out
 
-    # test side: per model, its rows among all test ids
+
+def _family_queries(groups, test_ids, normalize: bool, dev):
+    """Family descriptors of the test images (in memory: the test set is small) + who has one."""
     arrays, present = [], []
     for g in groups:
         arrays.append([])
@@ -339,47 +424,55 @@ def recognition_from_store(
             mask[rows] = True
             arrays[-1].append(emb[np.argsort(rows)])
             present[-1].append(mask)
-    _check_family_dims(groups, arrays)
+    _check_family_dims(groups, [[a.shape[1] for a in fam] for fam in arrays])
     have = np.any([m for fam in present for m in fam], axis=0)
-    test = rec.family_descriptors(arrays, present, n=len(test_ids), dtype=dt, device=dev,
-                                  normalize=p["renormalize"])
-    del arrays
-    t_ids, train = _family_side(groups, "train", dt, dev, p["renormalize"])
-    codes_of: dict = {}
-    t_codes = _train_codes(t_ids, labels, groups[0][0].path("train"), codes_of)
-    bank = _family_side(groups, "nonlandmark", dt, dev, p["renormalize"])[1] if all(with_bank) else None
-    codes, conf = rec.recognize(
-        test, train, t_codes, bank, k=p["knn_k"], bank_k_train=p["bank_k_train"],
-        bank_k_query=p["bank_k_query"], clip=tuple(p["clip"]), progress=progress, device=dev,
-    )
-    landmark_of = np.empty(len(codes_of), dtype=object)
-    for v, c in codes_of.items():
-        landmark_of[c] = v
-    out: dict[str, tuple[str, float] | None] = {}
-    for j, q in enumerate(test_ids):
-        out[q] = (str(landmark_of[codes[j]]), float(conf[j])) if have[j] and codes[j] >= 0 else None
-    return out
+    test = rec.family_descriptors(arrays, present, n=len(test_ids), dtype=search.compute_dtype(dev), device=dev,
+                                  normalize=normalize)
+    return have, test
 
 
-def _check_family_dims(groups, arrays) -> None:
-    for g, fam in zip(groups, arrays):
-        dims = {ms.name: a.shape[1] for ms, a in zip(g, fam)}
-        if len(set(dims.values())) > 1:
+def _check_family_dims(groups, dims) -> None:
+    for g, fam in zip(groups, dims):
+        widths = {ms.name: d for ms, d in zip(g, fam)}
+        if len(set(widths.values())) > 1:
             raise KernelError(
                 f"models of family '{g[0].meta['family']}' have different descriptor widths: "
-                + ", ".join(f"{k} {v}-d" for k, v in dims.items())
+                + ", ".join(f"{k} {v}-d" for k, v in widths.items())
             )
 
 
-def _family_side(groups, split: str, dt, dev, normalize: bool = True):
-    """Family descriptors of a database-side split (every model must hold the same ids)."""
-    ref_ids, ref_path, arrays = None, None, []
-    for g in groups:
-        arrays.append([])
-        for ms in g:
-            ids, emb = ms.load(split)
-            if ref_ids is None:
-                ref_ids, ref_path = ids, ms.path(split)
-            arrays[-1].append(_align(ids, emb, ref_ids, ms.path(split), ref_path))
-    _check_family_dims(groups, arrays)
-    return ref_ids, rec.family_descriptors(arrays, dtype=dt, device=dev, normalize=normalize)
+def _family_rows(groups, split: str, normalize: bool) -> FamilyRows:
+    """Family descriptor rows of a database-side split, streamed (every model must hold the same ids)."""
+    flat = _aligned_rows([ms for g in groups for ms in g], split)
+    it = iter(flat)
+    fams = [[next(it) for _ in g] for g in groups]
+    _check_family_dims(groups, [[r.dim for r in fam] for fam in fams])
+    return FamilyRows(fams, normalize=normalize, name=f"{split} family descriptors")
+
+
+def _recognition_fp(kind: str, groups, splits: tuple[str, ...], params: dict) -> dict:
+    models = [prepared.model_fingerprint(ms.meta, ms.store, splits) for g in groups for ms in g]
+    return prepared.fingerprint(kind, models, params)
+
+
+def _recognition_reference(groups, with_bank: bool, p: dict, reuse: Reuse, kw: dict):
+    """(train rows, bank rows or None, B(t) or None): prepared artefacts when they match, else streamed
+    from the models' splits (B(t) then computed and saved to the cache)."""
+    fam = {"renormalize": p["renormalize"]}
+    path = reuse.find("recognition_train.npz", _recognition_fp("recognition-train", groups, ("train",), fam))
+    train = SplitRows(path) if path else _family_rows(groups, "train", p["renormalize"])
+    if not with_bank:
+        return train, None, None
+    path = reuse.find("recognition_bank.npz", _recognition_fp("recognition-bank", groups, ("nonlandmark",), fam))
+    bank = SplitRows(path) if path else _family_rows(groups, "nonlandmark", p["renormalize"])
+    fp = _recognition_fp("recognition-bias", groups, ("train", "nonlandmark"), {**fam, "bank_k_train": p["bank_k_train"]})
+    path = reuse.find("recognition_bias.npz", fp)
+    if path is not None:
+        ids, bias = prepared.load_arrays(path, "ids", "bias")
+        if not np.array_equal(ids.astype(str), train.ids):
+            raise KernelError(f"{path}: ids do not match the train descriptors although the fingerprint does")
+        return train, bank, bias.astype(np.float32)
+    logger.info("B(t): %d train images against a bank of %d", len(train), len(bank))
+    bias = rec.bank_similarity(train, bank, p["bank_k_train"], desc="B(train)", **kw)
+    reuse.save("recognition_bias.npz", fp, train.ids, bias=bias)
+    return train, bank, bias
