@@ -47,10 +47,14 @@ def format_prediction(track: str, prediction) -> str:
     return " ".join(str(i) for i in list(prediction)[:MAX_IMAGES])
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: done once, at import, then restored
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+# mode of a new file, as ``open()`` would create it (``mkstemp`` alone would leave 0600)
+NEW_FILE_MODE = 0o666 & ~_umask()
 
 
 def replace_checked(path: Path, data: bytes, check) -> None:
@@ -63,7 +67,7 @@ def replace_checked(path: Path, data: bytes, check) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, NEW_FILE_MODE)
         try:
             check(Path(tmp))
         except KernelError as exc:
@@ -155,7 +159,6 @@ def _parse_field(track: str, field: str, where: str):
     """One field, compared later as text as Kaggle does: ids and landmark ids are kept exactly as written
     (no ``int()`` normalisation: ``+1005`` or ``1_005`` would never match ``1005`` on Kaggle, so they are
     refused); parts are separated by single spaces (a tab or newline is refused)."""
-
     if not field:
         return None
     if _OTHER_SPACE.search(field):
