@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "bundle": "kernel.bundle",
     "postprocess": "kernel.postprocess.cli",
     "prepare": "kernel.prepare",
+    "rehearse": "kernel.rehearse",
     "validate": "kernel.validate",
 }
 

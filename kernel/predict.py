@@ -102,6 +102,10 @@ def _link_reference(src_store: Path, work: Path, entry: dict, split: str, report
                 f"{meta_path}: descriptors of '{name}' were computed with checkpoint sha256 "
                 f"{meta['sha256'][:16]}..., the manifest pins {entry['sha256'][:16]}...: they do not belong together"
             )
+        if meta.get("computed_with_sha256"):  # a converted checkpoint: remember which one computed them
+            work_meta = kstore.read_meta(work, name)
+            if work_meta.get("computed_with_sha256") != meta["computed_with_sha256"]:
+                kstore.write_meta(work, name, {**work_meta, "computed_with_sha256": meta["computed_with_sha256"]})
     dst = kstore.split_path(work, name, split)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.is_symlink() or dst.exists():

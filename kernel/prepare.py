@@ -54,7 +54,13 @@ def prepare_recognition(store_dir, reuse: pp.Reuse, p: dict, kw: dict, dtype=np.
 def prepare_retrieval(store_dir, train_labels, reuse: pp.Reuse, p: dict, kw: dict, two_stage: bool) -> list[Path]:
     """Every retrieval model's k-NN labels of the index (and the two-stage ensemble's)."""
     splits = [pp.ModelSplits(store_dir, m) for m in pp.select_models(store_dir, "retrieval")]
-    pp.require_splits(splits, ("index", "train"))
+    lacking = [ms.name for ms in splits if not (ms.has("index") and ms.has("train"))]
+    if lacking:
+        logger.warning("no index or train descriptors of %s: their index labels are computed at run time",
+                       ", ".join(lacking))
+        splits = [ms for ms in splits if ms.name not in lacking]
+    if not splits:
+        raise KernelError(f"{store_dir}: no retrieval model has both index and train descriptors")
     labels = pp.read_train_labels(train_labels)
     ctx = {"labels_fp": prepared.labels_digest(labels)}
     written = []
@@ -67,7 +73,9 @@ def prepare_retrieval(store_dir, train_labels, reuse: pp.Reuse, p: dict, kw: dic
                             lambda: knn_labels(idx, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
                                                desc=f"{ms.name} index labels", **kw))
         written.append(reuse.cache / name)
-    if two_stage:
+    if two_stage and lacking:
+        logger.warning("two-stage labels not prepared: they need every model's index and train descriptors")
+    elif two_stage:
         idx, train = EnsembleRows(pp._aligned_rows(splits, "index")), EnsembleRows(pp._aligned_rows(splits, "train"))
         codes_of = {}
         t_codes = pp._train_codes(train.ids, labels, splits[0].path("train"), codes_of)

@@ -10,22 +10,26 @@ from disk and read a row range at a time. Every object here is a :class:`Rows`: 
 * :class:`SplitRows` - ``STORE/<model>/<split>.npz`` read from disk, block by block (a compressed or
   otherwise unmappable file is read whole, in its stored dtype, with a warning);
 * :class:`FamilyRows` - the recognition descriptor (per-family mean of the models, concatenated,
-  L2-normalised; docs/postprocessing.md) computed block by block from the models' splits;
+  L2-normalised, :mod:`kernel.postprocess.recognition`) computed block by block from the models' splits;
 * :class:`EnsembleRows` - the two-stage ensemble descriptor (the models concatenated, scaled by
   1/sqrt(M)) computed block by block.
 
 A block that holds NaN/inf raises :class:`KernelError` naming the file and the first bad id.
-Mapped pages are released after every block, so reading a whole split leaves nothing resident.
+Contiguous rows are read with one positioned read (nothing mapped); rows in another order through a
+mapping dropped after every block, so reading a whole split leaves nothing resident. docs/scale.md
+explains the memory budget this serves.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 import struct
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kernel.errors import KernelError
 
@@ -146,6 +150,7 @@ class SplitRows(Rows):
     def aligned_to(self, ref_ids: np.ndarray, ref_name: str) -> "SplitRows":
         """These rows in the order of ``ref_ids`` (the id sets must be equal); no copy of the data."""
         if len(ref_ids) == len(self.ids) and np.array_equal(ref_ids, self.ids):
+            self.ids = ref_ids  # one copy of the ids for all the models
             return self
         import pandas as pd
 
@@ -161,9 +166,17 @@ class SplitRows(Rows):
         return out
 
     def _read(self, sel) -> np.ndarray:
+        """Rows ``sel`` (a slice, or sorted positions) in float32."""
         if self.memory is not None:
             return self.memory[sel].astype(np.float32)
         offset, dtype, shape = self.layout
+        if isinstance(sel, slice):  # contiguous rows: one positioned read, nothing mapped
+            buf = np.empty((sel.stop - sel.start, shape[1]), dtype)
+            with open(self.path, "rb", buffering=0) as fh:
+                got = os.preadv(fh.fileno(), [memoryview(buf).cast("B")], offset + sel.start * buf.itemsize * shape[1])
+            if got != buf.nbytes:
+                raise KernelError(f"{self.path}: truncated descriptor file (rows {sel.start}-{sel.stop})")
+            return buf.astype(np.float32)
         mm = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
         try:
             return mm[sel].astype(np.float32)  # a copy: the mapping is dropped with ``mm``
@@ -210,8 +223,9 @@ class FamilyRows(Rows):
                 acc += rows.block(r0, r1)
             acc /= len(fam)
             off += d
-        if self.normalize:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        if self.normalize:  # torch's norm, as kernel.postprocess.recognition.family_descriptors: same bits
+            t = torch.from_numpy(out)
+            t /= t.norm(dim=1, keepdim=True).clamp(min=1e-12)
         return out
 
 

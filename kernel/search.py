@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kernel.rows import READ_ROWS, Rows
+import kernel.rows
+from kernel.rows import Rows
 
 logger = logging.getLogger(__name__)
 
@@ -348,8 +349,9 @@ def pass_rows(rows: Rows, dev: torch.device, dt: torch.dtype, pass_bytes: int | 
 def load_rows(rows: Rows, r0: int, r1: int, dev: torch.device, dt: torch.dtype) -> torch.Tensor:
     """Rows ``r0:r1`` as one (r1 - r0, D) tensor on ``dev`` in ``dt``, filled a read at a time."""
     out = torch.empty((r1 - r0, rows.dim), dtype=dt, device=dev)
-    for s in range(r0, r1, READ_ROWS):
-        e = min(r1, s + READ_ROWS)
+    step = kernel.rows.READ_ROWS
+    for s in range(r0, r1, step):
+        e = min(r1, s + step)
         out[s - r0 : e - r0] = torch.from_numpy(rows.block(s, e))
     return out
 

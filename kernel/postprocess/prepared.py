@@ -71,9 +71,12 @@ def split_fingerprint(path: Path) -> dict:
 
 
 def model_fingerprint(meta: dict, store_dir, splits: tuple[str, ...]) -> dict:
-    """What identifies a model's contribution: name, checkpoint sha256, family and its splits."""
+    """What identifies a model's contribution: name, the sha256 of the checkpoint that computed its
+    descriptors (``computed_with_sha256`` where a bundle converted the checkpoint after extraction, else
+    ``sha256``), family and its splits."""
     return {
-        "name": meta["name"], "sha256": meta.get("sha256"), "family": str(meta.get("family")),
+        "name": meta["name"], "sha256": meta.get("computed_with_sha256", meta.get("sha256")),
+        "family": str(meta.get("family")),
         "splits": {s: split_fingerprint(store.split_path(store_dir, meta["name"], s)) for s in splits},
     }
 
