@@ -18,6 +18,7 @@ from kernel import search
 from kernel.errors import KernelError
 from kernel.postprocess import pipeline as pp
 from kernel.postprocess import prepared
+from kernel.postprocess import reference as ref
 from kernel.postprocess.knn import knn_labels
 from kernel.rows import EnsembleRows
 
@@ -26,13 +27,13 @@ logger = logging.getLogger(__name__)
 HELP = "compute the test-independent post-processing artefacts (k-NN labels of the index, B(t), family descriptors)"
 
 
-def prepare_recognition(store_dir, reuse: pp.Reuse, p: dict, kw: dict, dtype=np.float32) -> list[Path]:
+def prepare_recognition(store_dir, reuse: ref.Reuse, p: dict, kw: dict, dtype=np.float32) -> list[Path]:
     """Family descriptors of train (and bank) written block by block, then B(t) (when the store has a bank)."""
     metas = pp.select_models(store_dir, "recognition")
     families: dict[str, list] = {}
     for meta in metas:
         families.setdefault(str(meta["family"]), []).append(pp.ModelSplits(store_dir, meta))
-    groups = [families[f] for f in pp._family_order(families)]
+    groups = [families[f] for f in ref.family_order(families)]
     pp.require_splits([ms for g in groups for ms in g], ("train",))
     with_bank = all(ms.has("nonlandmark") for g in groups for ms in g)
     fam = {"renormalize": p["renormalize"]}
@@ -40,18 +41,18 @@ def prepare_recognition(store_dir, reuse: pp.Reuse, p: dict, kw: dict, dtype=np.
     for split, name in (("train", "recognition_train.npz"), ("nonlandmark", "recognition_bank.npz")):
         if split == "nonlandmark" and not with_bank:
             continue
-        rows = pp._family_rows(groups, split, p["renormalize"])
-        fp = pp._recognition_fp(f"recognition-{'train' if split == 'train' else 'bank'}", groups, (split,), fam)
+        rows = ref.family_rows(groups, split, p["renormalize"])
+        fp = ref.recognition_fingerprint(f"recognition-{'train' if split == 'train' else 'bank'}", groups, (split,), fam)
         step = max(1, (256 << 20) // (rows.dim * 4))
         written.append(prepared.write(reuse.cache / name, fp, rows.ids, rows.dim, dtype,
                                       (b for _, _, b in rows.blocks(step))))
     if with_bank:
-        pp._recognition_reference(groups, True, p, reuse, kw)  # B(t), saved to reuse.cache
+        ref.recognition_reference(groups, True, p, reuse, kw)  # B(t), saved to reuse.cache
         written.append(reuse.cache / "recognition_bias.npz")
     return written
 
 
-def prepare_retrieval(store_dir, train_labels, reuse: pp.Reuse, p: dict, kw: dict, two_stage: bool) -> list[Path]:
+def prepare_retrieval(store_dir, train_labels, reuse: ref.Reuse, p: dict, kw: dict, two_stage: bool) -> list[Path]:
     """Every retrieval model's k-NN labels of the index (and the two-stage ensemble's)."""
     splits = [pp.ModelSplits(store_dir, m) for m in pp.select_models(store_dir, "retrieval")]
     lacking = [ms.name for ms in splits if not (ms.has("index") and ms.has("train"))]
@@ -67,19 +68,19 @@ def prepare_retrieval(store_dir, train_labels, reuse: pp.Reuse, p: dict, kw: dic
     for ms in splits:
         idx, train = ms.rows("index"), ms.rows("train")
         codes_of: dict = {}
-        t_codes = pp._train_codes(train.ids, labels, ms.path("train"), codes_of)
+        t_codes = ref.train_codes(train.ids, labels, ms.path("train"), codes_of)
         name = f"retrieval_{ms.name}.npz"
-        pp._labels_artefact(reuse, name, pp._knn_fp("retrieval-index-labels", [ms], p, ctx), idx.ids, codes_of,
+        ref.labels_artefact(reuse, name, ref.knn_fingerprint("retrieval-index-labels", [ms], p, ctx["labels_fp"]), idx.ids, codes_of,
                             lambda: knn_labels(idx, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
                                                desc=f"{ms.name} index labels", **kw))
         written.append(reuse.cache / name)
     if two_stage and lacking:
         logger.warning("two-stage labels not prepared: they need every model's index and train descriptors")
     elif two_stage:
-        idx, train = EnsembleRows(pp._aligned_rows(splits, "index")), EnsembleRows(pp._aligned_rows(splits, "train"))
+        idx, train = EnsembleRows(ref.aligned_rows(splits, "index")), EnsembleRows(ref.aligned_rows(splits, "train"))
         codes_of = {}
-        t_codes = pp._train_codes(train.ids, labels, splits[0].path("train"), codes_of)
-        pp._labels_artefact(reuse, "two_stage.npz", pp._knn_fp("two-stage-index-labels", splits, p, ctx), idx.ids,
+        t_codes = ref.train_codes(train.ids, labels, splits[0].path("train"), codes_of)
+        ref.labels_artefact(reuse, "two_stage.npz", ref.knn_fingerprint("two-stage-index-labels", splits, p, ctx["labels_fp"]), idx.ids,
                             codes_of, lambda: knn_labels(idx, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
                                                          desc="ensemble index labels", **kw))
         written.append(reuse.cache / "two_stage.npz")
@@ -114,18 +115,18 @@ def run(args) -> int:
 
     out = output_dir(args.out if args.out is not None else prepared.prepared_dir(args.store), "--out")
     out.mkdir(parents=True, exist_ok=True)
-    reuse = pp.Reuse(dirs=[], cache=out)  # recompute everything, write it to ``out``
+    reuse = ref.Reuse(dirs=[], cache=out)  # recompute everything, write it to ``out``
     kw = dict(device=search.resolve_device(args.device), progress=not args.no_progress,
-              pass_bytes=pp.pass_bytes(args.memory_gb))
+              pass_bytes=ref.pass_bytes(args.memory_gb))
     written = []
     if args.track in ("recognition", "both"):
-        p = pp._params(pp.RECOGNITION_PARAMS, dict(bank_k_train=args.bank_k_train,
+        p = pp.resolve_params(pp.RECOGNITION_PARAMS, dict(bank_k_train=args.bank_k_train,
                                                   renormalize=False if args.no_renormalize else None))
         written += prepare_recognition(args.store, reuse, p, kw, np.dtype(args.family_dtype))
     if args.track in ("retrieval", "both"):
         if not args.train_labels:
             raise KernelError("--train-labels is needed for the retrieval track's index labels")
-        p = pp._params(pp.RETRIEVAL_PARAMS, dict(knn_k=args.knn_k, conf_divisor=args.conf_divisor))
+        p = pp.resolve_params(pp.RETRIEVAL_PARAMS, dict(knn_k=args.knn_k, conf_divisor=args.conf_divisor))
         written += prepare_retrieval(args.store, args.train_labels, reuse, p, kw, args.two_stage)
     print(f"prepared {len(written)} artefact(s) in {out} in {time.monotonic() - t0:.1f} s:")
     for w in written:

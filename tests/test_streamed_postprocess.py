@@ -15,7 +15,7 @@ import torch
 
 import kernel.rows
 from kernel import search, store
-from kernel.postprocess import knn, pipeline, prepared
+from kernel.postprocess import knn, pipeline, prepared, reference
 from kernel.postprocess import recognition as rec
 from kernel.postprocess import retrieval as ret
 from kernel.prepare import prepare_recognition, prepare_retrieval
@@ -102,9 +102,9 @@ def _reference_recognition(paths, bank: bool):
     fams: dict = {}
     for m in metas:
         fams.setdefault(m["family"], []).append(m["name"])
-    order = pipeline._family_order(fams)
+    order = reference.family_order(fams)
     test_ids = pipeline.store_test_ids(root, metas)
-    t_arrays, t_present, tr, bk = [], [], [], []
+    t_arrays, t_present = [], []
     for f in order:
         a, p = _test_side(root, fams[f], test_ids)
         t_arrays.append(a)
@@ -157,7 +157,7 @@ def _reference_retrieval(paths, rerank: str):
             q_ids, q = _load(root, name, "test")
             _, idx = _aligned(root, [names[0], name], "index")
             t_ids, train = _load(root, name, "train")
-            t_codes = pipeline._train_codes(t_ids, labels, root, codes_of)
+            t_codes = reference.train_codes(t_ids, labels, root, codes_of)
             q_lab, _ = knn.knn_labels(q, train, t_codes)
             i_lab, i_conf = knn.knn_labels(idx[1], train, t_codes)
             s, r = ret.soft_scores(q, idx[1], q_lab, i_lab, i_conf)
@@ -176,7 +176,7 @@ def _reference_retrieval(paths, rerank: str):
         ranked = list(initial)
         if rerank == "two-stage":
             t_ids, train = _aligned(root, names, "train")
-            t_codes = pipeline._train_codes(t_ids, labels, root, {})
+            t_codes = reference.train_codes(t_ids, labels, root, {})
             train = ret.ensemble_descriptors(train)
             ql, qc = knn.knn_labels(q, train, t_codes)
             il, ic = knn.knn_labels(idx, train, t_codes)
@@ -198,12 +198,12 @@ def test_retrieval_streamed_equals_in_memory(worlds, rerank, tiny_passes):
 def test_prepared_artefacts_used_and_same_answers(worlds, tiny_passes, tmp_path, caplog):
     rp, tp = worlds["recognition"], worlds["retrieval"]
     kw = dict(device=search.resolve_device("cpu"), progress=False, pass_bytes=None)
-    reuse_r = pipeline.Reuse(dirs=[], cache=tmp_path / "rec")
-    written = prepare_recognition(rp["store"], reuse_r, pipeline._params(pipeline.RECOGNITION_PARAMS, {}), kw)
+    reuse_r = reference.Reuse(dirs=[], cache=tmp_path / "rec")
+    written = prepare_recognition(rp["store"], reuse_r, pipeline.resolve_params(pipeline.RECOGNITION_PARAMS, {}), kw)
     assert {w.name for w in written} == {"recognition_train.npz", "recognition_bank.npz", "recognition_bias.npz"}
-    reuse_t = pipeline.Reuse(dirs=[], cache=tmp_path / "ret")
+    reuse_t = reference.Reuse(dirs=[], cache=tmp_path / "ret")
     written = prepare_retrieval(tp["store"], tp["train_labels"], reuse_t,
-                                pipeline._params(pipeline.RETRIEVAL_PARAMS, {}), kw, two_stage=True)
+                                pipeline.resolve_params(pipeline.RETRIEVAL_PARAMS, {}), kw, two_stage=True)
     assert len(written) == len(store.list_models(tp["store"])) + 1
 
     with caplog.at_level(logging.INFO):
@@ -225,8 +225,8 @@ def test_stale_artefact_is_recomputed_and_said(worlds, tmp_path, caplog):
     """Changed train labels: the prepared index labels no longer match; they are recomputed, not used."""
     tp = worlds["retrieval"]
     kw = dict(device=search.resolve_device("cpu"), progress=False, pass_bytes=None)
-    prepare_retrieval(tp["store"], tp["train_labels"], pipeline.Reuse(dirs=[], cache=tmp_path / "p"),
-                      pipeline._params(pipeline.RETRIEVAL_PARAMS, {}), kw, two_stage=False)
+    prepare_retrieval(tp["store"], tp["train_labels"], reference.Reuse(dirs=[], cache=tmp_path / "p"),
+                      pipeline.resolve_params(pipeline.RETRIEVAL_PARAMS, {}), kw, two_stage=False)
     labels = tp["train_labels"].read_text().splitlines()
     first = labels[1].split(",")
     labels[1] = f"{first[0]},{int(first[1]) + 100000}"  # one train image relabelled

@@ -12,7 +12,6 @@ part-way) is answered by those models.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +20,15 @@ import pandas as pd
 from kernel import search, store
 from kernel.errors import KernelError
 from kernel.postprocess import prepared
+from kernel.postprocess import reference as ref
 from kernel.postprocess import recognition as rec
 from kernel.postprocess import retrieval as ret
 from kernel.postprocess.knn import knn_labels
-from kernel.rows import EnsembleRows, FamilyRows, SplitRows
+from kernel.rows import EnsembleRows, SplitRows
 
 logger = logging.getLogger(__name__)
 
 RERANKS = ("soft", "two-stage", "none")
-FAMILY_ORDER = ("dolg", "hybrid", "effnet")
 
 RETRIEVAL_PARAMS = {
     "knn_k": ret.KNN_K,
@@ -48,7 +47,8 @@ RECOGNITION_PARAMS = {
 }
 
 
-def _params(defaults: dict, given: dict) -> dict:
+def resolve_params(defaults: dict, given: dict) -> dict:
+    """``given`` (None values ignored) over ``defaults``; unknown names are an error."""
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise KernelError(f"unknown post-processing parameter(s): {', '.join(unknown)} (known: {', '.join(defaults)})")
@@ -132,79 +132,6 @@ def store_test_ids(store_dir, metas: list[dict]) -> list[str]:
     return sorted(ids)
 
 
-def _codes(values, codes_of: dict) -> np.ndarray:
-    """Integer codes of landmark ids (str), shared across models through ``codes_of`` (new ids appended);
-    an empty string (no label) is ``-1``."""
-    inverse, uniq = pd.factorize(pd.Series(values, dtype=object).astype(str), sort=False)
-    table = np.asarray([codes_of.setdefault(v, len(codes_of)) if v != "" else -1 for v in uniq], np.int64)
-    return table[inverse] if len(inverse) else np.zeros(0, np.int64)
-
-
-def _landmarks_of(codes: np.ndarray, codes_of: dict) -> np.ndarray:
-    """Inverse of :func:`_codes`: landmark id strings of codes (``-1`` -> "")."""
-    names = np.empty(len(codes_of) + 1, dtype=object)
-    names[-1] = ""
-    for v, c in codes_of.items():
-        names[c] = v
-    return names[np.asarray(codes, np.int64)].astype(str)
-
-
-def _train_codes(ids: np.ndarray, labels: pd.Series, path: Path, codes_of: dict) -> np.ndarray:
-    """Integer landmark codes of train ids (codes shared across models through ``codes_of``)."""
-    lab = labels.reindex(ids)
-    if lab.isna().any():
-        missing = ids[lab.isna().to_numpy()]
-        raise KernelError(f"{path}: {len(missing)} train ids have no landmark_id in the train labels (first: {missing[0]})")
-    return _codes(lab.to_numpy(), codes_of)
-
-
-@dataclass
-class Reuse:
-    """Where prepared artefacts are looked up (``dirs``, first match wins) and where the ones computed
-    in this run are saved for the next (``cache``, e.g. predict's working folder; None: nowhere)."""
-
-    dirs: list = field(default_factory=list)
-    cache: Path | None = None
-
-    @classmethod
-    def of(cls, store_dir, prepared_dirs=None, cache_dir=None) -> "Reuse":
-        dirs = [Path(d) for d in (prepared_dirs if prepared_dirs is not None else [prepared.prepared_dir(store_dir)])]
-        cache = Path(cache_dir) if cache_dir else None
-        return cls(dirs + ([cache] if cache and cache not in dirs else []), cache)
-
-    def find(self, name: str, fp: dict) -> Path | None:
-        return prepared.find(self.dirs, name, fp)
-
-    def save(self, name: str, fp: dict, ids, **arrays) -> None:
-        if self.cache is not None:
-            self.cache.mkdir(parents=True, exist_ok=True)
-            prepared.write(self.cache / name, fp, ids, **arrays)
-
-
-def pass_bytes(memory_gb: float | None) -> int | None:
-    """Bytes of one pass over a streamed database for a process budget of ``memory_gb``: a sixteenth of
-    it (the pass in float32, its bfloat16 copy, the score blocks and the per-row arrays fit well inside),
-    between 64 MiB and 1 GiB. ``None``: the search's default (512 MiB)."""
-    if memory_gb is None:
-        return None
-    return int(min(1 << 30, max(64 << 20, memory_gb * (1 << 30) / 16)))
-
-
-def _labels_artefact(reuse: Reuse, name: str, fp: dict, ids: np.ndarray, codes_of: dict, compute):
-    """k-NN (labels, conf) of database rows ``ids``: from a prepared artefact when one matches ``fp``,
-    else ``compute()`` (saved to the cache)."""
-    path = reuse.find(name, fp)
-    if path is not None:
-        a_ids, lms, conf = prepared.load_arrays(path, "ids", "landmarks", "conf")
-        pos = pd.Index(a_ids.astype(str)).get_indexer(ids)
-        if (pos < 0).any():
-            raise KernelError(f"{path}: ids do not match the store although the fingerprint does")
-        return _codes(lms[pos], codes_of), conf[pos].astype(np.float32)
-    lab, conf = compute()
-    reuse.save(name, fp, ids, landmarks=_landmarks_of(lab, codes_of), conf=conf)
-    return lab, conf
-
-
 def _query_rows(test_ids: list[str], ids: np.ndarray) -> np.ndarray:
     """Positions of a model's test ids among all test ids."""
     return pd.Index(test_ids).get_indexer(ids)
@@ -230,13 +157,13 @@ def retrieval_from_store(
     ``knn_k`` (3), ``down_weight`` (0.1), ``soft_keep`` (750), ``n_results`` (100),
     ``insert_threshold`` (0.6), ``conf_divisor`` (None = ``knn_k``). Splits used: ``test``, ``index``,
     ``train`` of every model; ``index`` and ``train`` are streamed from disk (``memory_gb`` sizes the
-    passes, :func:`pass_bytes`). The index images' k-NN labels come from a prepared artefact of
+    passes, :func:`kernel.postprocess.reference.pass_bytes`). The index images' k-NN labels come from a prepared artefact of
     ``prepared_dirs`` (default ``STORE/prepared``) when its fingerprint matches, else are computed (and
     saved in ``cache_dir`` when given).
     """
     if rerank not in RERANKS:
         raise KernelError(f"unknown re-ranking '{rerank}' (choose from {', '.join(RERANKS)})")
-    p = _params(RETRIEVAL_PARAMS, params)
+    p = resolve_params(RETRIEVAL_PARAMS, params)
     dev = search.resolve_device(device)
     metas = select_models(store_dir, "retrieval", models)
     labels = read_train_labels(train_labels) if rerank != "none" else None
@@ -247,20 +174,14 @@ def retrieval_from_store(
         "retrieval (%s re-ranking) with %d model(s) on %s: %d test ids",
         rerank, len(metas), dev, len(test_ids),
     )
-    ctx = dict(reuse=Reuse.of(store_dir, prepared_dirs, cache_dir), labels=labels,
+    ctx = dict(reuse=ref.Reuse.of(store_dir, prepared_dirs, cache_dir), labels=labels,
                labels_fp=prepared.labels_digest(labels) if labels is not None else None,
-               kw=dict(device=dev, progress=progress, pass_bytes=pass_bytes(memory_gb)))
+               kw=dict(device=dev, progress=progress, pass_bytes=ref.pass_bytes(memory_gb)))
     if rerank == "soft":
         index_ids, ranked = _soft(splits, test_ids, p, ctx)
     else:
         index_ids, ranked = _concatenated(splits, test_ids, rerank, p, ctx)
     return {q: [str(index_ids[j]) for j in rows] for q, rows in zip(test_ids, ranked)}
-
-
-def _knn_fp(kind: str, splits, p: dict, ctx: dict) -> dict:
-    models = [prepared.model_fingerprint(ms.meta, ms.store, ("index", "train")) for ms in splits]
-    return prepared.fingerprint(kind, models, {"knn_k": p["knn_k"], "conf_divisor": p["conf_divisor"]},
-                                labels=ctx["labels_fp"])
 
 
 def _soft(splits, test_ids, p, ctx):
@@ -272,12 +193,12 @@ def _soft(splits, test_ids, p, ctx):
     for ms in splits:
         q_ids, q = ms.load("test")
         idx, train = ms.rows("index"), ms.rows("train")
-        t_codes = _train_codes(train.ids, ctx["labels"], ms.path("train"), codes_of)
+        t_codes = ref.train_codes(train.ids, ctx["labels"], ms.path("train"), codes_of)
         logger.info("%s: %d queries, %d index, %d train descriptors", ms.name, len(q), len(idx), len(train))
         q_lab, _ = knn_labels(q, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
                               desc=f"{ms.name} test labels", **kw)
-        i_lab, i_conf = _labels_artefact(
-            ctx["reuse"], f"retrieval_{ms.name}.npz", _knn_fp("retrieval-index-labels", [ms], p, ctx), idx.ids,
+        i_lab, i_conf = ref.labels_artefact(
+            ctx["reuse"], f"retrieval_{ms.name}.npz", ref.knn_fingerprint("retrieval-index-labels", [ms], p, ctx["labels_fp"]), idx.ids,
             codes_of, lambda: knn_labels(idx, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
                                          desc=f"{ms.name} index labels", **kw))
         scores, rows = ret.soft_scores(
@@ -301,12 +222,6 @@ def _soft(splits, test_ids, p, ctx):
     return index_ids, ranked
 
 
-def _aligned_rows(splits, split: str) -> list[SplitRows]:
-    """Every model's ``split`` as rows in the order of the first model's ids (the id sets must agree)."""
-    first = splits[0].rows(split)
-    return [first] + [ms.rows(split).aligned_to(first.ids, str(first.path)) for ms in splits[1:]]
-
-
 def _ensemble_queries(splits, test_ids, dtype, dev):
     """Concatenated query descriptors (mean cosine over the models holding each query) + who has one."""
     arrays, present = [], []
@@ -327,16 +242,16 @@ def _concatenated(splits, test_ids, rerank, p, ctx):
     kw = ctx["kw"]
     dev = kw["device"]
     have, q = _ensemble_queries(splits, test_ids, search.compute_dtype(dev), dev)
-    idx = EnsembleRows(_aligned_rows(splits, "index"))
+    idx = EnsembleRows(ref.aligned_rows(splits, "index"))
     _, initial = search.topk(q, idx, p["n_results"], desc="ensemble cosine", **kw)
     if rerank == "two-stage":
-        train = EnsembleRows(_aligned_rows(splits, "train"))
+        train = EnsembleRows(ref.aligned_rows(splits, "train"))
         codes_of: dict = {}
-        t_codes = _train_codes(train.ids, ctx["labels"], splits[0].path("train"), codes_of)
+        t_codes = ref.train_codes(train.ids, ctx["labels"], splits[0].path("train"), codes_of)
         q_lab, q_conf = knn_labels(q, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
                                    desc="test labels", **kw)
-        i_lab, i_conf = _labels_artefact(
-            ctx["reuse"], "two_stage.npz", _knn_fp("two-stage-index-labels", splits, p, ctx), idx.ids, codes_of,
+        i_lab, i_conf = ref.labels_artefact(
+            ctx["reuse"], "two_stage.npz", ref.knn_fingerprint("two-stage-index-labels", splits, p, ctx["labels_fp"]), idx.ids, codes_of,
             lambda: knn_labels(idx, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
                                desc="index labels", **kw))
         ranked = ret.two_stage(
@@ -349,11 +264,6 @@ def _concatenated(splits, test_ids, rerank, p, ctx):
 
 
 # ---------------------------------------------------------------- recognition
-
-def _family_order(families: dict) -> list[str]:
-    known = [f for f in FAMILY_ORDER if f in families]
-    return known + sorted(f for f in families if f not in FAMILY_ORDER)
-
 
 def recognition_from_store(
     store_dir,
@@ -375,7 +285,7 @@ def recognition_from_store(
     or read from prepared artefacts, as is B(t) (see :func:`retrieval_from_store` for ``prepared_dirs``,
     ``cache_dir``, ``memory_gb``).
     """
-    p = _params(RECOGNITION_PARAMS, params)
+    p = resolve_params(RECOGNITION_PARAMS, params)
     dev = search.resolve_device(device)
     metas = select_models(store_dir, "recognition", models)
     labels = read_train_labels(train_labels)
@@ -383,7 +293,7 @@ def recognition_from_store(
     families: dict[str, list[ModelSplits]] = {}
     for meta in metas:
         families.setdefault(str(meta["family"]), []).append(ModelSplits(store_dir, meta))
-    order = _family_order(families)
+    order = ref.family_order(families)
     groups = [families[f] for f in order]
     require_splits([ms for g in groups for ms in g], ("test", "train"))
     logger.info(
@@ -395,16 +305,16 @@ def recognition_from_store(
     if any(with_bank) and not all(with_bank):
         lacking = next(ms for g in groups for ms in g if not ms.has("nonlandmark"))
         raise KernelError(f"{lacking.path('nonlandmark')}: missing split 'nonlandmark' (other models have one)")
-    kw = dict(device=dev, progress=progress, pass_bytes=pass_bytes(memory_gb))
+    kw = dict(device=dev, progress=progress, pass_bytes=ref.pass_bytes(memory_gb))
     have, test = _family_queries(groups, test_ids, p["renormalize"], dev)
-    train, bank, bias = _recognition_reference(groups, all(with_bank), p, Reuse.of(store_dir, prepared_dirs, cache_dir), kw)
+    train, bank, bias = ref.recognition_reference(groups, all(with_bank), p, ref.Reuse.of(store_dir, prepared_dirs, cache_dir), kw)
     codes_of: dict = {}
-    t_codes = _train_codes(train.ids, labels, groups[0][0].path("train"), codes_of)
+    t_codes = ref.train_codes(train.ids, labels, groups[0][0].path("train"), codes_of)
     codes, conf = rec.recognize(
         test, train, t_codes, bank, k=p["knn_k"], bank_k_train=p["bank_k_train"], bank_k_query=p["bank_k_query"],
         clip=tuple(p["clip"]), train_bias=bias, **kw,
     )
-    landmark_of = _landmarks_of(np.arange(len(codes_of)), codes_of)
+    landmark_of = ref.landmarks_of(np.arange(len(codes_of)), codes_of)
     out: dict[str, tuple[str, float] | None] = {}
     for j, q in enumerate(test_ids):
         out[q] = (str(landmark_of[codes[j]]), float(conf[j])) if have[j] and codes[j] >= 0 else None
@@ -424,55 +334,9 @@ def _family_queries(groups, test_ids, normalize: bool, dev):
             mask[rows] = True
             arrays[-1].append(emb[np.argsort(rows)])
             present[-1].append(mask)
-    _check_family_dims(groups, [[a.shape[1] for a in fam] for fam in arrays])
+    ref.check_family_dims(groups, [[a.shape[1] for a in fam] for fam in arrays])
     have = np.any([m for fam in present for m in fam], axis=0)
     test = rec.family_descriptors(arrays, present, n=len(test_ids), dtype=search.compute_dtype(dev), device=dev,
                                   normalize=normalize)
     return have, test
 
-
-def _check_family_dims(groups, dims) -> None:
-    for g, fam in zip(groups, dims):
-        widths = {ms.name: d for ms, d in zip(g, fam)}
-        if len(set(widths.values())) > 1:
-            raise KernelError(
-                f"models of family '{g[0].meta['family']}' have different descriptor widths: "
-                + ", ".join(f"{k} {v}-d" for k, v in widths.items())
-            )
-
-
-def _family_rows(groups, split: str, normalize: bool) -> FamilyRows:
-    """Family descriptor rows of a database-side split, streamed (every model must hold the same ids)."""
-    flat = _aligned_rows([ms for g in groups for ms in g], split)
-    it = iter(flat)
-    fams = [[next(it) for _ in g] for g in groups]
-    _check_family_dims(groups, [[r.dim for r in fam] for fam in fams])
-    return FamilyRows(fams, normalize=normalize, name=f"{split} family descriptors")
-
-
-def _recognition_fp(kind: str, groups, splits: tuple[str, ...], params: dict) -> dict:
-    models = [prepared.model_fingerprint(ms.meta, ms.store, splits) for g in groups for ms in g]
-    return prepared.fingerprint(kind, models, params)
-
-
-def _recognition_reference(groups, with_bank: bool, p: dict, reuse: Reuse, kw: dict):
-    """(train rows, bank rows or None, B(t) or None): prepared artefacts when they match, else streamed
-    from the models' splits (B(t) then computed and saved to the cache)."""
-    fam = {"renormalize": p["renormalize"]}
-    path = reuse.find("recognition_train.npz", _recognition_fp("recognition-train", groups, ("train",), fam))
-    train = SplitRows(path) if path else _family_rows(groups, "train", p["renormalize"])
-    if not with_bank:
-        return train, None, None
-    path = reuse.find("recognition_bank.npz", _recognition_fp("recognition-bank", groups, ("nonlandmark",), fam))
-    bank = SplitRows(path) if path else _family_rows(groups, "nonlandmark", p["renormalize"])
-    fp = _recognition_fp("recognition-bias", groups, ("train", "nonlandmark"), {**fam, "bank_k_train": p["bank_k_train"]})
-    path = reuse.find("recognition_bias.npz", fp)
-    if path is not None:
-        ids, bias = prepared.load_arrays(path, "ids", "bias")
-        if not np.array_equal(ids.astype(str), train.ids):
-            raise KernelError(f"{path}: ids do not match the train descriptors although the fingerprint does")
-        return train, bank, bias.astype(np.float32)
-    logger.info("B(t): %d train images against a bank of %d", len(train), len(bank))
-    bias = rec.bank_similarity(train, bank, p["bank_k_train"], desc="B(train)", **kw)
-    reuse.save("recognition_bias.npz", fp, train.ids, bias=bias)
-    return train, bank, bias
