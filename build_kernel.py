@@ -15,13 +15,14 @@ import argparse
 import sys
 
 from kernel.bundle import HELP, add_arguments, run
-from kernel.cli import run_command
+from kernel.cli import add_trust_argument, run_command
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="build_kernel.py", description=HELP)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_arguments(parser)
+    add_trust_argument(parser)
     args = parser.parse_args(argv)
     return run_command(run, args, verbose=args.verbose)
 

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 HELP = "build a sample competition from bundled photos and run the full kernel on it (both tracks)"
+
+# the file that marks a folder as a dry-run's own, and what a dry-run writes there (and removes on a rerun);
+# anything else in the folder is never touched
+MARKER = ".kernel-dry-run.json"
+OWNED = ("competition", "weights", "store", "recognition", "retrieval", "contact_sheet.png", "dry_run.json")
 
 
 def contact_sheet(predictions: dict, solution: dict, query_path, index_path, out: Path, n_queries: int = 4,
@@ -71,10 +75,10 @@ def dry_run(out="dry-run", preset: str = "tiny", device=None, seed: int = 0, pro
     from kernel.sample_competition import make_competition
     from kernel.validate import validate
 
+    from kernel.cli import claim_dir
+
     t0 = time.monotonic()
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
+    out = claim_dir(out, MARKER, OWNED)  # new, empty, or an earlier dry-run's: nothing else is ever deleted
     comp = make_competition(out / "competition", seed=seed)
     log.info("sample competition: %s", comp.root)
     weights = out / "weights"
@@ -114,7 +118,8 @@ def dry_run(out="dry-run", preset: str = "tiny", device=None, seed: int = 0, pro
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--out", default="dry-run", help="output folder (replaced; default ./dry-run)")
+    p.add_argument("--out", default="dry-run", help="output folder: new, empty, or an earlier dry-run's "
+                   "(whose outputs are replaced; any other folder is refused) (default ./dry-run)")
     p.add_argument("--preset", choices=["tiny", "full"], default="tiny",
                    help="tiny: small backbones, about a minute on 2 CPU cores (default); full: the nine real models")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

@@ -518,7 +518,8 @@ def _prepare_model(store: Path, entry: dict, weights_dir, split: str, dtype: str
             if meta.get(key) and have and meta[key] != have:
                 raise KernelError(
                     f"{meta_path}: descriptors were computed with {key} {str(meta[key])[:16]}, but model "
-                    f"'{name}' now has {str(have)[:16]}: remove {store / name} or pass --overwrite")
+                    f"'{name}' now has {str(have)[:16]}: use another store folder, or discard them with "
+                    f"'python -m kernel extract ... --overwrite'")
     new = {**meta, **_meta_for(entry, sha or meta.get("sha256"), dtype)}
     if new != meta:
         kstore.write_meta(store, name, new)
@@ -661,6 +662,8 @@ def extract(
 # ----------------------------------------------------------------------------------------------- the command
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from kernel.cli import number
+
     p.add_argument("--manifest", required=True, help="weights_manifest.json")
     p.add_argument("--weights", required=True, help="folder holding the checkpoints named in the manifest")
     p.add_argument("--images", required=True,
@@ -671,21 +674,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--track", choices=["recognition", "retrieval"], default=None,
                    help="only the models of this track")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 32 on CUDA, 8 on CPU; "
+    p.add_argument("--batch-size", type=number(int, 1), default=None, help="images per batch (default 32 on CUDA, 8 on CPU; "
                    "halved per model on out-of-memory)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=number(int, 0), default=None,
                    help="decode processes (default: one per CPU core with CUDA, half of them on CPU)")
-    p.add_argument("--group-size", type=int, default=None,
+    p.add_argument("--group-size", type=number(int, 1), default=None,
                    help="models held at once (default: all that fit in half the device memory; 1 = model by model)")
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default=None,
                    help="autocast precision (default fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored descriptor dtype")
     p.add_argument("--shard", default=None, help="i/n: this machine's share of the images (offline train/index); "
                    "default: torchrun's RANK/WORLD_SIZE when set")
-    p.add_argument("--time-limit", type=float, default=None,
+    p.add_argument("--time-limit", type=number(float, 0, exclusive_min=True), default=None,
                    help="stop cleanly after this many seconds (resumable)")
-    p.add_argument("--flush-images", type=int, default=1024, help="write a shard every N images per model")
-    p.add_argument("--flush-seconds", type=float, default=60.0, help="... or every S seconds")
+    p.add_argument("--flush-images", type=number(int, 1), default=1024, help="write a shard every N images per model")
+    p.add_argument("--flush-seconds", type=number(float, 0, exclusive_min=True), default=60.0, help="... or every S seconds")
     p.add_argument("--retry-failures", action="store_true", help="decode images that failed before again")
     p.add_argument("--overwrite", action="store_true", help="discard the store's descriptors of these models")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -119,22 +119,30 @@ def read_solution(path: str | Path, track: str) -> dict[str, dict[str, list[str]
     if not path.is_file():
         raise KernelError(f"{path}: solution file not found")
     out: dict[str, dict[str, list[str]]] = {u: {} for u in USAGES}
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = reader.fieldnames or []
-        for need in ("id", column, "Usage"):
-            if need not in fields:
-                raise KernelError(f"{path}: column '{need}' is missing (header: {','.join(fields)})")
-        seen: set[str] = set()
-        for line, row in enumerate(reader, start=2):
-            key = (row["id"] or "").strip()
-            usage = (row["Usage"] or "").strip()
-            if not key:
-                raise KernelError(f"{path}:{line}: empty id")
-            if key in seen:
-                raise KernelError(f"{path}:{line}: id {key} appears twice")
-            seen.add(key)
-            if usage not in USAGES:
-                raise KernelError(f"{path}:{line}: Usage '{usage}' is not one of {', '.join(USAGES)}")
-            out[usage][key] = (row[column] or "").split()
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            _read_solution_rows(csv.DictReader(fh), column, path, out)
+    except UnicodeDecodeError as exc:
+        raise KernelError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except csv.Error as exc:  # e.g. a field larger than the csv module's limit
+        raise KernelError(f"{path}: not a readable CSV ({exc})") from None
     return out
+
+
+def _read_solution_rows(reader, column: str, path: Path, out: dict) -> None:
+    fields = reader.fieldnames or []
+    for need in ("id", column, "Usage"):
+        if need not in fields:
+            raise KernelError(f"{path}: column '{need}' is missing (header: {','.join(fields)})")
+    seen: set[str] = set()
+    for line, row in enumerate(reader, start=2):
+        key = (row["id"] or "").strip()
+        usage = (row["Usage"] or "").strip()
+        if not key:
+            raise KernelError(f"{path}:{line}: empty id")
+        if key in seen:
+            raise KernelError(f"{path}:{line}: id {key} appears twice")
+        seen.add(key)
+        if usage not in USAGES:
+            raise KernelError(f"{path}:{line}: Usage '{usage}' is not one of {', '.join(USAGES)}")
+        out[usage][key] = (row[column] or "").split()

@@ -52,6 +52,8 @@ class PredictReport:
     predicted: int = 0  # test ids with a non-empty prediction in the final file
     failures: dict = field(default_factory=dict)
     seconds: float = 0.0
+    finished: bool = False  # False in the log of a run that was interrupted or failed
+    started: float = field(default_factory=time.monotonic, repr=False)
 
     def line(self) -> str:
         return (f"predict {self.track}: {self.predicted}/{self.test_images} test images predicted with "
@@ -60,10 +62,30 @@ class PredictReport:
                 f"{self.submissions} submissions written; {self.seconds:.1f} s -> {self.out}")
 
 
+def log_path(out) -> Path:
+    """``<out>.log.json`` beside the submission (``submission.csv`` -> ``submission.log.json``)."""
+    out = Path(out)
+    return out.parent / f"{out.stem}.log.json"
+
+
+def _write_log(report: PredictReport) -> None:
+    """The report so far, atomically: an interrupted run leaves the decisions it made (``finished`` false)."""
+    from kernel.submission import replace_checked
+
+    report.seconds = time.monotonic() - report.started
+    data = json.dumps({k: v for k, v in report.__dict__.items() if k != "started"}, indent=2, default=str)
+    try:
+        replace_checked(log_path(report.out), data.encode(), check=lambda tmp: None)
+    except OSError as exc:  # the log never costs the submission
+        log.warning("%s: cannot write the run log (%s)", log_path(report.out), exc)
+
+
 def _decide(report: PredictReport, message: str, *args) -> None:
     text = message % args if args else message
     report.decisions.append(text)
     log.info(text)
+    if report.submissions:  # from the fallback on, the log on disk follows the run
+        _write_log(report)
 
 
 def _link_reference(src_store: Path, work: Path, entry: dict, split: str, report: PredictReport) -> bool:
@@ -165,10 +187,13 @@ def predict(
     t0 = time.monotonic()
     if track not in REFERENCE_SPLITS:
         raise KernelError(f"--track must be recognition or retrieval (got {track!r})")
-    if deadline_hours <= 0:
-        raise KernelError("--deadline-hours must be positive")
+    if not (math.isfinite(deadline_hours) and deadline_hours > 0):
+        raise KernelError(f"--deadline-hours must be a positive number (got {deadline_hours})")
+    if reserve_minutes is not None and not (math.isfinite(reserve_minutes) and reserve_minutes >= 0):
+        raise KernelError(f"--reserve-minutes must be a number >= 0 (got {reserve_minutes})")
     deadline = t0 + deadline_hours * 3600
     reserve = (reserve_minutes * 60) if reserve_minutes is not None else min(1800.0, 0.05 * deadline_hours * 3600)
+    _check_paths(out, data, manifest, weights, store, index_store, train_labels, nonlandmark, work)
     data, out = Path(data), Path(out)
     params = dict(params or {})
 
@@ -177,8 +202,9 @@ def predict(
         raise KernelError(f"{manifest}: no model of the manifest serves the {track} track")
     priority = {e["name"]: e["priority"] for e in entries}
     test = kaggle_split(data, "test")
+    report = PredictReport(track=track, out=str(out), test_images=len(test), started=t0)
+    test = _writable(test, report)
     test_ids = [r.id for r in test]
-    report = PredictReport(track=track, out=str(out), test_images=len(test_ids))
     if not test_ids:
         raise KernelError(f"{data / 'test'}: no test images")
 
@@ -191,6 +217,7 @@ def predict(
     train_labels = Path(train_labels) if train_labels else data / "train.csv"
     if not train_labels.is_file():
         raise KernelError(f"{train_labels}: train labels (id,landmark_id) not found; pass --train-labels")
+    _check_labels(train_labels, report)  # before any submission that depends on them
     work = Path(work) if work else out.parent / f"{track}_descriptors"
     work.mkdir(parents=True, exist_ok=True)
 
@@ -211,7 +238,7 @@ def predict(
                     continue
                 reference_records.setdefault(split, folder_source(nonlandmark))
             else:
-                reference_records.setdefault(split, kaggle_split(data, split))
+                reference_records.setdefault(split, _writable(kaggle_split(data, split), report))
             missing.setdefault(e["name"], []).append(split)
     if missing:
         _decide(report, "to extract here (not precomputed): %s",
@@ -301,12 +328,46 @@ def predict(
     # 5. check what is on disk
     check_submission(track, out, test_ids)
     report.predicted = _count_predicted(final_predictions)
-    report.seconds = time.monotonic() - t0
-    (out.parent / f"{out.stem}.log.json").write_text(json.dumps(report.__dict__, indent=2, default=str))
+    report.finished = True
+    _write_log(report)
     return report
 
 
+def _check_paths(out, data, manifest, weights, store, index_store, train_labels, nonlandmark, work) -> None:
+    """``--out`` (and the log beside it) must be a regular file path that is none of the run's inputs."""
+    from kernel.cli import output_file
+
+    inputs = [data, manifest, weights, store, index_store, train_labels, nonlandmark, work]
+    output_file(out, "--out", inputs=inputs, side_files=[log_path(out)])
+
+
+def _writable(records: list, report: PredictReport) -> list:
+    """Records whose id a submission CSV can hold unchanged; the others are logged as failures."""
+    from kernel.labels import id_problem
+
+    keep = []
+    for r in records:
+        problem = id_problem(r.id)
+        if problem:
+            shown = r.id.encode("utf-8", "backslashreplace").decode()
+            report.failures[shown] = f"id {problem}"
+            log.warning("%s: skipped: id %r %s", r.path.encode("utf-8", "backslashreplace").decode(), shown, problem)
+        else:
+            keep.append(r)
+    return keep
+
+
+def _check_labels(train_labels: Path, report: PredictReport) -> None:
+    """Read and check the train labels (Kaggle-integer landmark ids) while only the fallback exists."""
+    from kernel.labels import read_train_labels
+
+    labels = read_train_labels(train_labels)
+    _decide(report, "train labels %s: %d images, %d landmarks", train_labels, len(labels), labels.nunique())
+
+
 def add_arguments(p) -> None:
+    from kernel.cli import number
+
     p.add_argument("--track", choices=["recognition", "retrieval"], required=True)
     p.add_argument("--data", required=True, help="competition folder (test/, train/ or index/, train.csv, ...)")
     p.add_argument("--manifest", required=True, help="weights_manifest.json")
@@ -318,18 +379,19 @@ def add_arguments(p) -> None:
     p.add_argument("--work", default=None, help="working descriptor store (default: next to --out)")
     p.add_argument("--nonlandmark", default=None, help="folder of non-landmark images for the recognition bank "
                    "(when the store has no nonlandmark descriptors)")
-    p.add_argument("--deadline-hours", type=float, default=12.0, help="wall-clock budget of the run (default 12)")
-    p.add_argument("--reserve-minutes", type=float, default=None,
+    p.add_argument("--deadline-hours", type=number(float, 0, exclusive_min=True), default=12.0,
+                   help="wall-clock budget of the run (default 12)")
+    p.add_argument("--reserve-minutes", type=number(float, 0), default=None,
                    help="kept free for the last post-processing (default: 5%% of the budget, at most 30)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--models", default=None, help="comma-separated subset of the manifest's models")
     p.add_argument("--rerank", choices=["soft", "two-stage", "none"], default="soft", help="retrieval re-ranking")
-    p.add_argument("--chunks", type=int, default=4, help="test extraction chunks, a better submission after each")
-    p.add_argument("--min-chunk", type=int, default=256, help="fewest test images in a chunk")
-    p.add_argument("--probe-images", type=int, default=None, help="test images timed before planning")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="decode processes (default: one per core)")
-    p.add_argument("--memory-gb", type=float, default=10.0,
+    p.add_argument("--chunks", type=number(int, 1), default=4, help="test extraction chunks, a better submission after each")
+    p.add_argument("--min-chunk", type=number(int, 1), default=256, help="fewest test images in a chunk")
+    p.add_argument("--probe-images", type=number(int, 1), default=None, help="test images timed before planning")
+    p.add_argument("--batch-size", type=number(int, 1), default=None)
+    p.add_argument("--workers", type=number(int, 0), default=None, help="decode processes (default: one per core)")
+    p.add_argument("--memory-gb", type=number(float, 0, exclusive_min=True), default=10.0,
                    help="memory budget of the post-processing in GiB (default 10, the smallest Kaggle machine)")
     p.add_argument("--no-progress", action="store_true")
 

@@ -88,6 +88,8 @@ def prepare_retrieval(store_dir, train_labels, reuse: ref.Reuse, p: dict, kw: di
 
 
 def add_arguments(p) -> None:
+    from kernel.cli import number
+
     p.add_argument("--store", required=True, help="descriptor store (STORE/<model>/<split>.npz + meta.json)")
     p.add_argument("--train-labels", default=None, help="train.csv (id,landmark_id): needed for the retrieval track")
     p.add_argument("--track", choices=["recognition", "retrieval", "both"], default="both")
@@ -97,20 +99,21 @@ def add_arguments(p) -> None:
                    help="stored dtype of the recognition family descriptors (float32: exactly what the CPU "
                         "path computes; float16: half the disk, what a GPU search computes in anyway)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--memory-gb", type=float, default=10.0, help="process memory budget (sizes the passes)")
+    p.add_argument("--memory-gb", type=number(float, 0, exclusive_min=True), default=10.0,
+                   help="process memory budget (sizes the passes)")
     g = p.add_argument_group("constants (must equal those postprocess / predict will use)")
-    g.add_argument("--knn-k", type=int, default=None)
-    g.add_argument("--conf-divisor", type=float, default=None)
-    g.add_argument("--bank-k-train", type=int, default=None)
+    g.add_argument("--knn-k", type=number(int, 1), default=None)
+    g.add_argument("--conf-divisor", type=number(float, 0, exclusive_min=True), default=None)
+    g.add_argument("--bank-k-train", type=number(int, 1), default=None)
     g.add_argument("--no-renormalize", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run(args) -> int:
     t0 = time.monotonic()
-    out = Path(args.out) if args.out else prepared.prepared_dir(args.store)
-    if out.exists() and not out.is_dir():
-        raise KernelError(f"--out {out}: exists and is not a folder")
+    from kernel.cli import output_dir
+
+    out = output_dir(args.out if args.out is not None else prepared.prepared_dir(args.store), "--out")
     out.mkdir(parents=True, exist_ok=True)
     reuse = ref.Reuse(dirs=[], cache=out)  # recompute everything, write it to ``out``
     kw = dict(device=search.resolve_device(args.device), progress=not args.no_progress,

@@ -184,6 +184,7 @@ def plot(rows, plans, path: Path, title: str) -> None:
 
 
 def add_arguments(p) -> None:
+    from kernel.cli import number
     from kernel.models.demo import REPO_MANIFEST
 
     p.add_argument("--manifest", default=str(REPO_MANIFEST), help="weights manifest (default: the repo's nine models)")
@@ -191,24 +192,25 @@ def add_arguments(p) -> None:
     p.add_argument("--models", default=None, help="comma-separated subset")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--track", choices=["recognition", "retrieval", "both"], default="both")
-    p.add_argument("--n-test", type=int, default=10_000, help="test images (default 10,000)")
-    p.add_argument("--n-index", type=int, default=76_176, help="retrieval index images (default 76,176, SPEC §5)")
-    p.add_argument("--n-train", type=int, default=0,
+    p.add_argument("--n-test", type=number(int, 0), default=10_000, help="test images (default 10,000)")
+    p.add_argument("--n-index", type=number(int, 0), default=76_176, help="retrieval index images (default 76,176, SPEC §5)")
+    p.add_argument("--n-train", type=number(int, 0), default=0,
                    help="train images extracted in the kernel (default 0: train descriptors are precomputed)")
     p.add_argument("--target", choices=sorted(budget.TARGETS), default="p100")
-    p.add_argument("--budget-hours", type=float, default=12.0)
-    p.add_argument("--reserve-hours", type=float, default=0.5, help="reserved for loading and post-processing")
-    p.add_argument("--decode-ms", type=float, default=12.0, help="CPU decode+resize ms per image and core")
+    p.add_argument("--budget-hours", type=number(float, 0, exclusive_min=True), default=12.0)
+    p.add_argument("--reserve-hours", type=number(float, 0), default=0.5, help="reserved for loading and post-processing")
+    p.add_argument("--decode-ms", type=number(float, 0), default=12.0, help="CPU decode+resize ms per image and core")
     p.add_argument("--efficiency", action="append", default=[], metavar="FAMILY=VALUE",
                    help="override a family's assumed fraction of P100 fp16 peak (repeatable)")
     p.add_argument("--batch-sizes", default=None, help="comma-separated candidate batch sizes")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations per batch size")
+    p.add_argument("--iters", type=number(int, 1), default=None, help="timed iterations per batch size")
     p.add_argument("--no-measure", action="store_true", help="FLOPs and projection only, no timing here")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--plot", default=None, help="write a bar chart PNG here")
 
 
 def run(args) -> int:
+    from kernel.cli import output_file
     from kernel.models import load_manifest, select
 
     entries = select(load_manifest(args.manifest), args.models)
@@ -221,8 +223,18 @@ def run(args) -> int:
             efficiency[fam] = float(val)
         except ValueError:
             raise KernelError(f"--efficiency {item}: '{val}' is not a number") from None
+        if not 0 < efficiency[fam] <= 1:  # a fraction of the peak (0 would divide by zero)
+            raise KernelError(f"--efficiency {item}: must be a fraction of the peak in (0, 1]")
+    for option in ("json", "plot"):
+        if getattr(args, option):
+            output_file(getattr(args, option), f"--{option}", inputs=[args.manifest, args.weights])
     device = _device(args.device)
-    bss = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
+    try:
+        bss = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
+    except ValueError:
+        raise KernelError(f"--batch-sizes {args.batch_sizes}: expected comma-separated integers") from None
+    if bss is not None and (not bss or min(bss) < 1):
+        raise KernelError(f"--batch-sizes {args.batch_sizes}: batch sizes must be >= 1")
     rows = profile_models(entries, args.weights, str(device), bss, args.iters, efficiency, args.target,
                           measure=not args.no_measure)
     tracks = ["recognition", "retrieval"] if args.track == "both" else [args.track]

@@ -121,15 +121,17 @@ def projected_kaggle_s(tflop: float, bytes_read: float) -> float:
 
 
 def add_arguments(p) -> None:
+    from kernel.cli import number
+
     p.add_argument("--out", default="rehearsal", help="folder for the synthetic store, logs and results (kept)")
-    p.add_argument("--train", type=int, default=1_580_470, help="train images (GLDv2-clean: 1,580,470)")
-    p.add_argument("--index", type=int, default=76_176, help="retrieval index images (2021: 76,176)")
-    p.add_argument("--test", type=int, default=10_000, help="test images")
-    p.add_argument("--bank", type=int, default=2_000, help="non-landmark bank images")
-    p.add_argument("--models", type=int, default=8, help="models in the store (the 2021 ensemble: 8)")
-    p.add_argument("--retrieval-models", type=int, default=None, help="models the retrieval run uses (default all)")
+    p.add_argument("--train", type=number(int, 1), default=1_580_470, help="train images (GLDv2-clean: 1,580,470)")
+    p.add_argument("--index", type=number(int, 1), default=76_176, help="retrieval index images (2021: 76,176)")
+    p.add_argument("--test", type=number(int, 1), default=10_000, help="test images")
+    p.add_argument("--bank", type=number(int, 0), default=2_000, help="non-landmark bank images")
+    p.add_argument("--models", type=number(int, 1), default=8, help="models in the store (the 2021 ensemble: 8)")
+    p.add_argument("--retrieval-models", type=number(int, 1), default=None, help="models the retrieval run uses (default all)")
     p.add_argument("--tracks", default="recognition,retrieval", help="comma-separated tracks to run")
-    p.add_argument("--memory-gb", type=float, default=10.0, help="the budget every run must stay under")
+    p.add_argument("--memory-gb", type=number(float, 0, exclusive_min=True), default=10.0, help="the budget every run must stay under")
     p.add_argument("--device", default=None)
 
 

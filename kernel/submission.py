@@ -13,15 +13,19 @@ import csv
 import io
 import logging
 import math
+import os
+import re
+import tempfile
 from pathlib import Path
 
 from kernel.errors import KernelError
-from kernel.store import atomic_write
+from kernel.labels import first_bad_id, landmark_id_problem
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = {"recognition": "landmarks", "retrieval": "images"}
 MAX_IMAGES = 100
+_OTHER_SPACE = re.compile(r"[^\S ]")  # whitespace other than the space that separates a field's parts
 
 
 def _column(track: str) -> str:
@@ -43,8 +47,42 @@ def format_prediction(track: str, prediction) -> str:
     return " ".join(str(i) for i in list(prediction)[:MAX_IMAGES])
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: done once, at import, then restored
+    os.umask(mask)
+    return mask
+
+
+# mode of a new file, as ``open()`` would create it (``mkstemp`` alone would leave 0600)
+NEW_FILE_MODE = 0o666 & ~_umask()
+
+
+def replace_checked(path: Path, data: bytes, check) -> None:
+    """Write ``data`` to a temporary file beside ``path`` (mode as for any new file: 0666 minus the umask),
+    run ``check(tmp_path)`` on it, and only then rename it over ``path``: a candidate that fails its check
+    never replaces the previous file (which stays as it was), and a crash leaves the previous file or none."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, NEW_FILE_MODE)
+        try:
+            check(Path(tmp))
+        except KernelError as exc:
+            kept = "keeps the previous file" if path.exists() else "was not written"
+            raise KernelError(f"{path}: the new submission failed its check and {kept}: "
+                              f"{str(exc).replace(tmp, 'candidate')}") from None
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_submission(track: str, predictions: dict, test_ids, path) -> Path:
-    """Atomically write ``submission.csv``: one row per test id, in the order of ``test_ids``.
+    """Atomically write ``submission.csv``: one row per test id, in the order of ``test_ids``; the new file
+    is checked (:func:`check_submission`) before it replaces an earlier one (:func:`replace_checked`).
 
     Args:
         track: ``recognition`` (predictions: id -> ``(landmark_id, confidence)`` or ``None``) or
@@ -54,6 +92,9 @@ def write_submission(track: str, predictions: dict, test_ids, path) -> Path:
     """
     column = _column(track)
     test_ids = [str(i) for i in test_ids]
+    bad = first_bad_id(test_ids)
+    if bad:
+        raise KernelError(f"test id {bad[0].encode('utf-8', 'backslashreplace').decode()!r} {bad[1]}")
     if len(set(test_ids)) != len(test_ids):
         seen: set[str] = set()
         dup = next(i for i in test_ids if i in seen or seen.add(i))
@@ -70,8 +111,8 @@ def write_submission(track: str, predictions: dict, test_ids, path) -> Path:
         empty += field == ""
         w.writerow([i, field])
     path = Path(path)
-    data = buf.getvalue().encode()
-    atomic_write(path, lambda fh: fh.write(data))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_checked(path, buf.getvalue().encode(), lambda tmp: check_submission(track, tmp, test_ids))
     logger.info("wrote %s: %d rows (%d empty)", path, len(test_ids), empty)
     return path
 
@@ -87,42 +128,60 @@ def read_submission(track: str, path) -> dict:
     if not path.is_file():
         raise KernelError(f"{path}: submission file not found")
     out: dict = {}
-    with open(path, newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header != ["id", column]:
-            raise KernelError(f"{path}: header must be 'id,{column}' for the {track} track, got {','.join(header or [])!r}")
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != 2:
-                raise KernelError(f"{path}:{line}: expected 2 fields, got {len(row)}")
-            key, field = row[0].strip(), row[1].strip()
-            if not key:
-                raise KernelError(f"{path}:{line}: empty id")
-            if key in out:
-                raise KernelError(f"{path}:{line}: id {key} appears twice")
-            out[key] = _parse_field(track, field, f"{path}:{line}")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            _read_rows(csv.reader(fh), track, column, path, out)
+    except UnicodeDecodeError as exc:
+        raise KernelError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except csv.Error as exc:  # e.g. a field larger than the csv module's limit
+        raise KernelError(f"{path}: not a readable CSV ({exc})") from None
     return out
 
 
+def _read_rows(reader, track: str, column: str, path: Path, out: dict) -> None:
+    header = next(reader, None)
+    if header != ["id", column]:
+        raise KernelError(f"{path}: header must be 'id,{column}' for the {track} track, got {','.join(header or [])!r}")
+    for line, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) != 2:
+            raise KernelError(f"{path}:{line}: expected 2 fields, got {len(row)}")
+        key, field = row[0].strip(), row[1].strip()
+        if not key:
+            raise KernelError(f"{path}:{line}: empty id")
+        if key in out:
+            raise KernelError(f"{path}:{line}: id {key} appears twice")
+        out[key] = _parse_field(track, field, f"{path}:{line}")
+
+
 def _parse_field(track: str, field: str, where: str):
+    """One field, compared later as text as Kaggle does: ids and landmark ids are kept exactly as written
+    (no ``int()`` normalisation: ``+1005`` or ``1_005`` would never match ``1005`` on Kaggle, so they are
+    refused); parts are separated by single spaces (a tab or newline is refused)."""
     if not field:
         return None
+    if _OTHER_SPACE.search(field):
+        raise KernelError(f"{where}: parts must be separated by spaces (found a tab or other whitespace)")
     parts = field.split()
     if track == "recognition":
         if len(parts) != 2:
-            raise KernelError(f"{where}: landmarks must be '<landmark_id> <confidence>', got {field!r}")
+            raise KernelError(f"{where}: landmarks must be '<landmark_id> <confidence>', got {field[:80]!r}")
+        if landmark_id_problem(parts[0]):
+            raise KernelError(f"{where}: landmarks must be '<integer landmark_id> <confidence>': "
+                              f"{parts[0][:40]!r} {landmark_id_problem(parts[0])}")
         try:
-            landmark = int(parts[0])
             conf = float(parts[1])
         except ValueError:
-            raise KernelError(f"{where}: landmarks must be '<integer landmark_id> <confidence>', got {field!r}") from None
+            raise KernelError(f"{where}: confidence {parts[1][:40]!r} is not a number") from None
         if not math.isfinite(conf):
             raise KernelError(f"{where}: confidence {parts[1]} is not a finite number")
-        return str(landmark), conf
+        return parts[0], conf
     if len(parts) > MAX_IMAGES:
         raise KernelError(f"{where}: {len(parts)} index ids, at most {MAX_IMAGES} allowed")
+    bad = first_bad_id(parts)
+    if bad:
+        raise KernelError(f"{where}: index id {bad[0][:40]!r} {bad[1]}")
     return parts
 
 

@@ -21,6 +21,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--submission", required=True, help="submission.csv to check")
     parser.add_argument("--solution", required=True,
                         help="Kaggle solution file: id,landmarks,Usage (recognition) or id,images,Usage (retrieval)")
+    parser.add_argument("--index", default=None,
+                        help="retrieval: the index images (competition folder, folder of images or CSV id,path); "
+                        "answers naming another id are refused")
 
 
 def score(track: str, predictions: dict, solution: dict) -> float:
@@ -29,11 +32,17 @@ def score(track: str, predictions: dict, solution: dict) -> float:
     return metrics.map_at_k(predictions, solution, k=submission.MAX_IMAGES)
 
 
-def validate(track: str, submission_path, solution_path) -> dict:
-    """Check the submission covers exactly the solution's ids in a valid format, then score it."""
+def validate(track: str, submission_path, solution_path, index=None) -> dict:
+    """Check the submission covers exactly the solution's ids in a valid format (retrieval answers: ids of
+    ``index`` when given), then score it. Ids are compared as text, as Kaggle compares them."""
     sol = metrics.read_solution(solution_path, track)
     all_ids = [i for usage in sol.values() for i in usage]
-    summary = submission.check_submission(track, submission_path, test_ids=all_ids)
+    index_ids = None
+    if index is not None and track == "retrieval":
+        from kernel.data.sources import open_source
+
+        index_ids = [r.id for r in open_source(index, "index")]
+    summary = submission.check_submission(track, submission_path, test_ids=all_ids, index_ids=index_ids)
     preds = submission.read_submission(track, submission_path)
     scored = {**sol["Public"], **sol["Private"]}
     result = {
@@ -51,7 +60,7 @@ def validate(track: str, submission_path, solution_path) -> dict:
 
 
 def run(args) -> int:
-    r = validate(args.track, args.submission, args.solution)
+    r = validate(args.track, args.submission, args.solution, args.index)
     print(f"{args.submission}: valid {args.track} submission, {r['rows']} rows "
           f"({r['predicted']} with a prediction, {r['empty']} empty)")
     print(f"scored test images: {r['scored']} (ignored: {r['ignored']})")

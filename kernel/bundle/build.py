@@ -130,7 +130,8 @@ def check_checkpoint(entry: dict, weights: Path, converting: bool, n_images: int
         raise KernelError(f"model '{name}': {path} has sha256 {digest[:16]}..., the manifest pins "
                           f"{entry['sha256'][:16]}... (wrong or modified file)")
     model = build_model(entry)
-    load_weights(model, path, name)  # strict: raises CheckpointError naming model, file and keys
+    # strict: raises CheckpointError naming model, file and keys; full unpickling only for a pinned file
+    load_weights(model, path, name, trusted=bool(entry.get("sha256")))
     plan = ModelPlan(entry, path, digest, path.stat().st_size)
     if converting:
         plan.reference = convert.descriptors(model, convert.check_images(entry["image_size"], n_images))
@@ -225,7 +226,11 @@ def check_train_labels(path: Path) -> int:
     return rows
 
 
-def check_out(out: Path) -> None:
+def check_out(out: Path, inputs=()) -> None:
+    """An earlier build or a new/empty folder, outside the package it ships and every input of the build."""
+    from kernel.cli import output_dir
+
+    output_dir(out, "--out", inputs=(PACKAGE_DIR, *inputs))
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
         raise KernelError(f"--out {out}: exists and is not an earlier build (no report.json): remove it or "
                           "choose another folder")
@@ -261,7 +266,7 @@ def ship_checkpoint(plan: ModelPlan, weights_out: Path, strip: bool, fp16: bool,
     from kernel.models import load_model, read_checkpoint
 
     entry, dst = plan.entry, weights_out / plan.entry["checkpoint"]
-    obj = read_checkpoint(plan.source) if (strip or fp16) else None
+    obj = read_checkpoint(plan.source, trusted=bool(entry.get("sha256"))) if (strip or fp16) else None
     new, conv = convert.convert_checkpoint(obj, strip, fp16) if obj is not None else (None, convert.Conversion())
     del obj
     if new is None:
@@ -409,11 +414,11 @@ def build_bundle(
     if not 1 <= check_images <= len(list(convert.SAMPLE_DIR.glob("*.jpg"))):
         raise KernelError(f"--check-images must be between 1 and the {len(list(convert.SAMPLE_DIR.glob('*.jpg')))} "
                           "bundled photos")
-    if deadline_hours <= 0 or deadline_hours > 12:
+    if not 0 < deadline_hours <= 12:
         raise KernelError(f"--deadline-hours must be in (0, 12] (Kaggle's limit; got {deadline_hours})")
     if not weights.is_dir():
         raise KernelError(f"--weights {weights}: folder not found")
-    check_out(out)
+    check_out(out, (weights, manifest, store, index_store, train_labels))
     warnings: list[str] = []
 
     # ---- phase 1: validate, write nothing

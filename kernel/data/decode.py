@@ -10,7 +10,9 @@ whose message is the reason recorded in the store's failure list.
   keeps both sides >= ``min_side`` (the largest model input), so a 100-megapixel photo costs a few megabytes;
   an image that cannot be reduced while decoding and exceeds ``max_pixels`` is refused ("too large").
   Pillow's own decompression-bomb limit is switched off on purpose (``Image.MAX_IMAGE_PIXELS = None``):
-  it would refuse large JPEGs that the draft mode decodes cheaply; ``max_pixels`` replaces it.
+  it would refuse large JPEGs that the draft mode decodes cheaply; ``max_pixels`` replaces it, and
+  ``max_declared`` refuses, before anything is decoded, a header that declares more pixels than any camera
+  writes (a decompression bomb: a few kilobytes claiming 60000 x 60000 pixels).
 - Broken files (missing, empty, truncated, not an image, corrupt data) raise :class:`DecodeError`.
 
 Resizing (:func:`resize_square`) is ``cv2.resize(INTER_LINEAR)`` on the full image, as the original code's
@@ -34,6 +36,9 @@ Image.MAX_IMAGE_PIXELS = None
 
 DRAFT_PIXELS = 16_000_000  # JPEGs above this are decoded at a reduced scale (memory, speed)
 MAX_PIXELS = 120_000_000  # anything still above this after the reduction is refused (~360 MB as RGB)
+# our reading: declared dimensions above this are a decompression bomb, not a photo (the largest camera
+# sensors write about 200 megapixels); refused from the header alone, before decoding
+MAX_DECLARED_PIXELS = 250_000_000
 
 
 class DecodeError(Exception):
@@ -66,6 +71,7 @@ def decode_image(
     min_side: int | None = None,
     draft_pixels: int = DRAFT_PIXELS,
     max_pixels: int = MAX_PIXELS,
+    max_declared: int = MAX_DECLARED_PIXELS,
 ) -> np.ndarray:
     """Decode ``path`` to an RGB uint8 array (H, W, 3), EXIF orientation applied.
 
@@ -86,6 +92,9 @@ def decode_image(
             w, h = im.size
             if w <= 0 or h <= 0:
                 raise DecodeError(f"zero-size image ({w}x{h})")
+            if w * h > max_declared:
+                raise DecodeError(f"declared size {w}x{h} exceeds the decompression-bomb limit of "
+                                  f"{max_declared} pixels")
             if im.format == "JPEG" and min_side and w * h > draft_pixels:
                 im.draft("RGB", (min_side, min_side))  # scale 1/2..1/8 keeping both sides >= min_side
             dw, dh = im.size

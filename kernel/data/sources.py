@@ -36,14 +36,35 @@ class Record(NamedTuple):
 
 
 def _walk_images(root: Path) -> list[Path]:
-    """Image files under ``root`` (recursive, hidden files and folders skipped), in no particular order."""
-    found = []
+    """Image files under ``root`` (recursive, hidden files and folders skipped), in no particular order.
+    Linked folders are followed once each: a link back to a folder already walked (a loop) is skipped."""
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            log.warning("%s: folder already walked (a symbolic link loop?): skipped",
+                        dirpath.encode("utf-8", "backslashreplace").decode() if isinstance(dirpath, str) else dirpath)
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                if not _utf8(os.path.join(dirpath, name)):
+                    continue
                 found.append(Path(dirpath) / name)
     return found
+
+
+def _utf8(path: str) -> bool:
+    """True when ``path`` is valid UTF-8; an undecodable file name (its id could never be written into a
+    CSV or a store) is skipped with a warning instead."""
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        log.warning("%s: file name is not valid UTF-8: image skipped", path.encode("utf-8", "backslashreplace").decode())
+        return False
 
 
 def _unique_sorted(records: list[Record], where: str) -> list[Record]:

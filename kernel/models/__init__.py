@@ -12,7 +12,8 @@ from pathlib import Path
 from torch import nn
 
 from kernel.errors import KernelError
-from kernel.models.checkpoint import CheckpointError, load_weights, read_checkpoint, sha256_file, unwrap_state_dict
+from kernel.models.checkpoint import (CheckpointError, load_weights, read_checkpoint, sha256_file,
+                                     trust_all_checkpoints, unwrap_state_dict)
 from kernel.models.dolg import DOLG
 from kernel.models.effnet import EffNet
 from kernel.models.hybrid import Hybrid
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "CheckpointError", "build_model", "load_model", "load_weights",
     "load_manifest", "validate_manifest", "validate_entry", "select", "read_checkpoint", "unwrap_state_dict",
-    "sha256_file", "DOLG", "Hybrid", "EffNet",
+    "sha256_file", "trust_all_checkpoints", "DOLG", "Hybrid", "EffNet",
 ]
 
 
@@ -52,18 +53,28 @@ def build_model(entry: dict) -> nn.Module:
 
 def load_model(entry: dict, weights_dir: str | Path, device="cpu", verify: bool = True) -> nn.Module:
     """Build an entry's model, check its checkpoint's sha256 (when the manifest pins one), load it strictly
-    and return it in eval mode on ``device``."""
+    and return it in eval mode on ``device``.
+
+    What identifies the model: a pinned sha256 proves the file is the manifest entry's own. Without one only
+    the architecture (every key and shape) can be checked, and another model's checkpoint of the same
+    architecture would load: that is logged as a warning naming the model. Only a file whose pinned sha256
+    matched may need full unpickling (:func:`read_checkpoint`)."""
     path = Path(weights_dir) / entry["checkpoint"]
     if not path.is_file():
         raise CheckpointError(f"model '{entry['name']}': checkpoint {path} not found")
-    if verify and entry.get("sha256"):
+    pinned = bool(verify and entry.get("sha256"))
+    if pinned:
         digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise CheckpointError(
                 f"model '{entry['name']}': {path} has sha256 {digest[:16]}..., the manifest pins "
                 f"{entry['sha256'][:16]}... (wrong or modified file)"
             )
+    else:
+        log.warning("model '%s': %s has no sha256 pinned in the manifest: only its architecture (keys and shapes) "
+                    "was checked; another checkpoint of the same architecture would load as this model",
+                    entry["name"], path)
     model = build_model(entry)
-    load_weights(model, path, entry["name"])
+    load_weights(model, path, entry["name"], trusted=pinned)
     log.debug("loaded %s from %s", entry["name"], path)
     return model.eval().to(device)

@@ -39,9 +39,28 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load`` on the CPU with clear errors. Tries ``weights_only`` first; training checkpoints that
-    also pickled optimiser/config objects are retried with full unpickling (they are the user's own files)."""
+# ``--trust-checkpoint``: full unpickling allowed for every checkpoint of this process (set by the CLI, logged)
+_TRUST_ALL = False
+
+
+def trust_all_checkpoints(on: bool = True) -> None:
+    """``--trust-checkpoint``: let checkpoints that hold more than tensors load with full unpickling
+    (which runs whatever code the file names). Off by default; logged when set."""
+    global _TRUST_ALL
+    _TRUST_ALL = bool(on)
+    if on:
+        log.warning("--trust-checkpoint: checkpoints that hold more than tensors will be unpickled in full; "
+                    "a malicious file can run code")
+
+
+def read_checkpoint(path: str | Path, trusted: bool = False) -> dict:
+    """``torch.load`` on the CPU with clear errors, always with ``weights_only=True`` first.
+
+    A checkpoint that holds more than tensors and plain containers (pickled optimiser or config objects)
+    needs full unpickling, which runs any code the file names. It is loaded that way only when ``trusted``
+    (its sha256 is pinned in the manifest and matched) or ``--trust-checkpoint`` was given; otherwise it is
+    refused with :class:`CheckpointError` saying so. Nothing is ever unpickled in full as a silent fallback.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
@@ -52,7 +71,13 @@ def read_checkpoint(path: str | Path) -> dict:
     except (pickle.UnpicklingError, AttributeError, ModuleNotFoundError, TypeError) as first:
         if "Weights only load failed" not in str(first) and not isinstance(first, (AttributeError, ModuleNotFoundError)):
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({first})") from None
-        log.warning("%s: holds non-tensor objects; loading it with full unpickling", path)
+        if not (trusted or _TRUST_ALL):
+            raise CheckpointError(
+                f"{path}: holds objects beyond tensors, which only full unpickling can load, and unpickling "
+                f"can run code: refused. Pin the file's sha256 in the manifest if you trust it, or pass "
+                f"--trust-checkpoint") from None
+        log.warning("%s: holds non-tensor objects; loading it with full unpickling (%s)", path,
+                    "sha256 pinned in the manifest" if trusted else "--trust-checkpoint")
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:
@@ -89,16 +114,17 @@ def _listing(keys) -> str:
     return ", ".join(keys[:_MAX_LISTED]) + more
 
 
-def load_weights(model: nn.Module, source, name: str | None = None) -> nn.Module:
+def load_weights(model: nn.Module, source, name: str | None = None, trusted: bool = False) -> nn.Module:
     """Load an original-layout checkpoint (path or state dict) into a model from :func:`build_model`.
 
     Returns the model. Raises :class:`CheckpointError` naming the model, the file and the offending keys.
+    ``trusted``: see :func:`read_checkpoint`.
     """
     from kernel.models.hybrid import ShapeMismatch
 
     name = name or getattr(model, "name", type(model).__name__)
     origin = str(source) if isinstance(source, (str, Path)) else "<state dict>"
-    obj = read_checkpoint(source) if isinstance(source, (str, Path)) else source
+    obj = read_checkpoint(source, trusted) if isinstance(source, (str, Path)) else source
     try:
         sd = unwrap_state_dict(obj)
     except ValueError as exc:

@@ -155,6 +155,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from kernel.cli import claim_dir
+
+    # new, empty, or an earlier demo-weights folder: a folder of real checkpoints is never written into
+    claim_dir(args.out, ".kernel-demo-weights.json")
     manifest = write_demo_weights(args.out, args.preset, args.models)
     n = len(json.loads(manifest.read_text())["models"])
     print(f"wrote {n} {args.preset} demo checkpoints and {manifest}")

@@ -27,6 +27,9 @@ from pathlib import Path
 from kernel.errors import KernelError
 
 FAMILIES = ("dolg", "hybrid", "effnet")
+# our reading: the largest input the kernel accepts (the nine models use 384-896, SPEC §1); far beyond it a
+# batch of one image no longer fits any accelerator and every image would end as a failure
+MAX_IMAGE_SIZE = 2048
 TRACKS = ("recognition", "retrieval")
 
 _COMMON = {
@@ -73,8 +76,8 @@ def validate_entry(entry, where: str = "manifest") -> dict:
         _fail(where, name, unknown[0], "is not a known manifest field")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         _fail(where, name, "name", "may only hold letters, digits, '_', '.', '-'")
-    if entry["image_size"] <= 0:
-        _fail(where, name, "image_size", "must be positive")
+    if not 0 < entry["image_size"] <= MAX_IMAGE_SIZE:
+        _fail(where, name, "image_size", f"must be between 1 and {MAX_IMAGE_SIZE} pixels (got {entry['image_size']})")
     if entry["stem_stride"] not in (1, 2):
         _fail(where, name, "stem_stride", "must be 1 or 2")
     if entry["priority"] < 1:

@@ -14,6 +14,8 @@ HELP = "re-rank / post-process the descriptors of a store and write a checked su
 
 
 def add_arguments(parser) -> None:
+    from kernel.cli import number
+
     parser.add_argument("--track", required=True, choices=["recognition", "retrieval"])
     parser.add_argument("--store", required=True, help="descriptor store (STORE/<model>/<split>.npz + meta.json)")
     parser.add_argument("--train-labels", required=True, help="train.csv with columns id,landmark_id")
@@ -22,7 +24,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rerank", default="soft", choices=list(pipeline.RERANKS),
                         help="retrieval re-ranking (default: soft, the 2021 solution)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--memory-gb", type=float, default=10.0,
+    parser.add_argument("--memory-gb", type=number(float, 0, exclusive_min=True), default=10.0,
                         help="memory budget of the process in GiB (default 10, the smallest Kaggle machine): "
                              "sizes the passes over the streamed train / index descriptors")
     parser.add_argument("--prepared", action="append", default=None, metavar="DIR",
@@ -32,14 +34,14 @@ def add_arguments(parser) -> None:
                         help="CPU k-NN: score in bfloat16, rescore the candidates in float32 (same exact result; "
                              "auto: where this CPU has fast bfloat16 products; off: float32 throughout)")
     g = parser.add_argument_group("constants (SPEC section 4; defaults are the papers' values)")
-    g.add_argument("--knn-k", type=int, default=None, help="neighbours of the k-NN label (3)")
-    g.add_argument("--down-weight", type=float, default=None, help="soft re-ranking down-weight (0.1)")
-    g.add_argument("--soft-keep", type=int, default=None, help="soft re-ranking: index images kept per model (750)")
-    g.add_argument("--n-results", type=int, default=None, help="retrieval answers per query (100)")
-    g.add_argument("--insert-threshold", type=float, default=None, help="two-stage: conf(q)+conf(i) threshold (0.6)")
-    g.add_argument("--bank-k-train", type=int, default=None, help="recognition: B(t) over the 5 nearest non-landmarks")
-    g.add_argument("--bank-k-query", type=int, default=None, help="recognition: C(q) over the 10 nearest non-landmarks")
-    g.add_argument("--conf-divisor", type=float, default=None,
+    g.add_argument("--knn-k", type=number(int, 1), default=None, help="neighbours of the k-NN label (3)")
+    g.add_argument("--down-weight", type=number(float), default=None, help="soft re-ranking down-weight (0.1)")
+    g.add_argument("--soft-keep", type=number(int, 1), default=None, help="soft re-ranking: index images kept per model (750)")
+    g.add_argument("--n-results", type=number(int, 1, submission.MAX_IMAGES), default=None, help="retrieval answers per query (100)")
+    g.add_argument("--insert-threshold", type=number(float), default=None, help="two-stage: conf(q)+conf(i) threshold (0.6)")
+    g.add_argument("--bank-k-train", type=number(int, 1), default=None, help="recognition: B(t) over the 5 nearest non-landmarks")
+    g.add_argument("--bank-k-query", type=number(int, 1), default=None, help="recognition: C(q) over the 10 nearest non-landmarks")
+    g.add_argument("--conf-divisor", type=number(float, 0, exclusive_min=True), default=None,
                    help="retrieval k-NN confidence = similarity sum / this (default: --knn-k, our reading)")
     g.add_argument("--no-renormalize", action="store_true",
                    help="recognition: do not L2-normalise the concatenated family descriptor (our reading: do)")
@@ -47,6 +49,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from kernel.cli import output_file
+
+    output_file(args.out, "--out", inputs=[args.store, args.train_labels])
     progress = not args.no_progress
     search.DEFAULT_PREFILTER = args.search_prefilter
     if args.track == "retrieval":

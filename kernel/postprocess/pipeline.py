@@ -58,29 +58,11 @@ def resolve_params(defaults: dict, given: dict) -> dict:
 # ---------------------------------------------------------------- inputs
 
 def read_train_labels(train_labels) -> pd.Series:
-    """``train.csv`` (``id,landmark_id``) or a DataFrame with those columns -> Series id -> landmark (str)."""
-    name = "train labels"
-    if isinstance(train_labels, pd.DataFrame):
-        df = train_labels
-    else:
-        path = Path(train_labels)
-        name = str(path)
-        if not path.is_file():
-            raise KernelError(f"{path}: train labels file not found")
-        try:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except Exception as exc:  # parser errors, empty file
-            raise KernelError(f"{path}: cannot read train labels ({type(exc).__name__}: {exc})") from None
-    for col in ("id", "landmark_id"):
-        if col not in df.columns:
-            raise KernelError(f"{name}: column '{col}' is missing (columns: {', '.join(map(str, df.columns))})")
-    ids = df["id"].astype(str)
-    labels = df["landmark_id"].astype(str).str.strip()
-    if (labels == "").any():
-        raise KernelError(f"{name}: empty landmark_id for id {ids[labels == ''].iloc[0]}")
-    if ids.duplicated().any():
-        raise KernelError(f"{name}: id {ids[ids.duplicated()].iloc[0]} appears twice")
-    return pd.Series(labels.to_numpy(), index=ids.to_numpy())
+    """``train.csv`` (``id,landmark_id``) or a DataFrame with those columns -> Series id -> landmark (str),
+    Kaggle-integer landmark ids checked (:func:`kernel.labels.read_train_labels`)."""
+    from kernel.labels import read_train_labels as read
+
+    return read(train_labels)
 
 
 def select_models(store_dir, track: str, models=None) -> list[dict]:

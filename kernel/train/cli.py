@@ -27,6 +27,9 @@ def _parse_set(items) -> dict:
 
 
 def add_fit(p) -> None:
+    from kernel.cli import add_trust_argument
+
+    add_trust_argument(p)  # --init may name an original checkpoint that pickled more than tensors
     p.add_argument("--recipe", required=True, help="recipe name (see kernel/train/recipes.py)")
     p.add_argument("--step", type=int, required=True, help="1-based step of the recipe")
     p.add_argument("--data", required=True, help="GLDv2 folder: train/a/b/c/<id>.jpg plus the label CSVs")

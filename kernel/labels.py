@@ -1,0 +1,104 @@
+"""Train labels (``train.csv``: ``id,landmark_id``), read once and checked before anything depends on them.
+
+Kaggle compares submissions as text: a recognition answer scores only when its landmark id is written exactly
+as the solution file writes it, which is a plain non-negative decimal integer (``1005``, never ``1005.0``,
+``+1005``, ``01005`` or ``1_005``). A label that is not written that way would be copied into every submission
+that predicts it and could never score, so it is refused here, naming the file and the line. The landmark id
+also has to fit the int64 the metric code and the submission checker parse it into.
+
+Image ids must be writable into a CSV field unchanged (no comma, quote, whitespace or control character):
+Kaggle's ids are hexadecimal strings, and anything else would be quoted or split by the CSV writer.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from kernel.errors import KernelError
+
+INT64_MAX = 2**63 - 1
+# a landmark id as Kaggle writes it: a non-negative decimal integer without sign, leading zeros or separators
+LANDMARK_ID = re.compile(r"0|[1-9][0-9]*")
+# characters an id may not hold: the CSV writer would quote or split the field (and Kaggle's ids are hex)
+_UNSAFE_ID = re.compile(r'[\s,"\'\x00-\x1f\x7f]')
+
+
+def landmark_id_problem(text: str) -> str | None:
+    """Why ``text`` is not a landmark id as Kaggle writes it, or ``None`` when it is one."""
+    if not LANDMARK_ID.fullmatch(text) or not text.isascii():
+        return "is not a non-negative integer written as Kaggle writes it (digits only, no sign, decimals or leading zeros)"
+    if int(text) > INT64_MAX:
+        return f"is larger than the largest 64-bit integer ({INT64_MAX})"
+    return None
+
+
+def id_problem(text: str) -> str | None:
+    """Why ``text`` cannot be an image id in a submission CSV, or ``None``."""
+    if not text:
+        return "is empty"
+    if _UNSAFE_ID.search(text):
+        return "holds a comma, quote, whitespace or control character, which a CSV field cannot hold unchanged"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 (an undecodable file name)"
+    return None
+
+
+def first_bad_id(ids) -> tuple[str, str] | None:
+    """``(id, why)`` for the first of ``ids`` that a CSV field cannot hold, or ``None`` (one pass over all)."""
+    ids = list(ids)
+    joined = "".join(ids)
+    if "" not in ids and not _UNSAFE_ID.search(joined):
+        try:
+            joined.encode("utf-8")
+            return None
+        except UnicodeEncodeError:
+            pass
+    return next((i, id_problem(i)) for i in ids if id_problem(i))
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise KernelError(f"{path}: train labels file not found")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise KernelError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except Exception as exc:  # parser errors, empty file, a field past the parser's limits
+        raise KernelError(f"{path}: cannot read train labels ({type(exc).__name__}: {exc})") from None
+
+
+def read_train_labels(train_labels) -> pd.Series:
+    """``train.csv`` (``id,landmark_id``) or a DataFrame with those columns -> Series id -> landmark id (str).
+
+    Raises :class:`KernelError` naming the file and line (header = line 1) for a missing column, an empty,
+    non-integer, negative or too large landmark id, an id a CSV cannot hold, or an id listed twice.
+    """
+    if isinstance(train_labels, pd.DataFrame):
+        name, df = "train labels", train_labels
+    else:
+        path = Path(train_labels)
+        name, df = str(path), _read_csv(path)
+    for col in ("id", "landmark_id"):
+        if col not in df.columns:
+            raise KernelError(f"{name}: column '{col}' is missing (columns: {', '.join(map(str, df.columns))})")
+    ids = df["id"].astype(str).str.strip()
+    labels = df["landmark_id"].astype(str).str.strip()
+    where = lambda row: f"{name}:{row + 2}"  # noqa: E731 - data line of row ``row`` (0-based)
+    bad = ~labels.str.fullmatch(LANDMARK_ID.pattern) | (labels.str.len() > 19)
+    for row in map(int, bad.to_numpy().nonzero()[0][:1]):
+        raise KernelError(f"{where(row)}: landmark_id {labels.iloc[row]!r} {landmark_id_problem(labels.iloc[row])}")
+    for row in map(int, (labels.str.len() == 19).to_numpy().nonzero()[0]):
+        if int(labels.iloc[row]) > INT64_MAX:
+            raise KernelError(f"{where(row)}: landmark_id {labels.iloc[row]!r} {landmark_id_problem(labels.iloc[row])}")
+    bad_ids = ids.str.contains(_UNSAFE_ID.pattern, regex=True) | (ids == "")
+    for row in map(int, bad_ids.to_numpy().nonzero()[0][:1]):
+        raise KernelError(f"{where(row)}: id {ids.iloc[row]!r} {id_problem(ids.iloc[row])}")
+    dup = ids.duplicated()
+    if dup.any():
+        row = int(dup.to_numpy().nonzero()[0][0])
+        raise KernelError(f"{where(row)}: id {ids.iloc[row]} appears twice")
+    return pd.Series(labels.to_numpy(), index=ids.to_numpy())
