@@ -14,7 +14,8 @@ from disk and read a row range at a time. Every object here is a :class:`Rows`: 
 * :class:`EnsembleRows` - the two-stage ensemble descriptor (the models concatenated, scaled by
   1/sqrt(M)) computed block by block.
 
-A block that holds NaN/inf raises :class:`KernelError` naming the file and the first bad id.
+A block that holds NaN/inf or an all-zero row raises :class:`KernelError` naming the file and the first bad
+id (:mod:`kernel.descriptor_checks`); a split stored in a non-float dtype is refused when opened.
 Contiguous rows are read with one positioned read (nothing mapped); rows in another order through a
 mapping dropped after every block, so reading a whole split leaves nothing resident. docs/scale.md
 explains the memory budget this serves.
@@ -32,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kernel.descriptor_checks import check_dtype, check_rows
 from kernel.errors import KernelError
 
 logger = logging.getLogger(__name__)
@@ -131,6 +133,9 @@ class SplitRows(Rows):
             raise KernelError(f"{self.path}: cannot read descriptor file ({type(exc).__name__}: {exc})") from None
         shape = self.memory.shape if self.memory is not None else self.layout[2]
         self._check(shape, dim)
+        check_dtype(self.stored_dtype, str(self.path))
+        if shape[0] == 0:
+            logger.warning("%s: no descriptors: every prediction that needs this split will be empty", self.path)
         self.dim = int(shape[1])
         self.order: np.ndarray | None = None  # positions in the file of the rows, when aligned
 
@@ -192,10 +197,7 @@ class SplitRows(Rows):
                 pos = self.order[s:e]
                 srt = np.argsort(pos, kind="stable")
                 out[s - r0 + srt] = self._read(pos[srt])
-        bad = ~np.isfinite(out).all(axis=1)
-        if bad.any():
-            raise KernelError(f"{self.path}: {int(bad.sum())} rows contain NaN/inf "
-                              f"(first id: {self.ids[r0 + int(np.argmax(bad))]})")
+        check_rows(self.ids[r0:r1], out, str(self.path))
         return out
 
 

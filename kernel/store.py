@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kernel.descriptor_checks import check_descriptors
 from kernel.errors import KernelError
 
 META = "meta.json"
@@ -141,11 +142,8 @@ def load_split(
         raise KernelError(f"{path}: embeddings are {emb.shape[1]}-d, expected {dim}-d")
     if len(np.unique(ids)) != len(ids):
         raise KernelError(f"{path}: ids are not unique")
-    emb = emb.astype(dtype, copy=False)
-    bad = ~np.isfinite(emb).all(axis=1)
-    if bad.any():
-        raise KernelError(f"{path}: {int(bad.sum())} rows contain NaN/inf (first id: {ids[bad][0]})")
-    return ids, emb
+    check_descriptors(ids, emb, str(path))  # float dtype, finite, no all-zero row; warns when empty
+    return ids, emb.astype(dtype, copy=False)
 
 
 def has_split(store: str | Path, model: str, split: str) -> bool:

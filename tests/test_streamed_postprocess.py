@@ -256,7 +256,19 @@ def test_split_rows_reads_blocks_and_reports_bad_rows(tmp_path, monkeypatch):
     np.testing.assert_array_equal(aligned.block(0, 30), emb[perm].astype(np.float32))
     emb[17, 2] = np.nan
     store.save_split(tmp_path, "m", "train", ids, emb)
-    with pytest.raises(Exception, match=r"train.npz: 1 rows contain NaN/inf \(first id: x17\)"):
+    with pytest.raises(Exception, match=r"train.npz: 1 descriptors hold NaN or infinite values \(first: id x17\)"):
         kernel.rows.SplitRows(path).block(0, 30)
     np.savez_compressed(tmp_path / "c.npz", ids=np.asarray(ids), embeddings=emb[:, :])
     assert kernel.rows.SplitRows(tmp_path / "c.npz").layout is None  # compressed: read whole, still works
+
+
+def test_split_rows_refuse_zero_rows_and_integer_descriptors(tmp_path):
+    emb = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float16)
+    emb[4] = 0
+    ids = [f"z{i}" for i in range(10)]
+    path = store.save_split(tmp_path, "m", "train", ids, emb)
+    with pytest.raises(Exception, match=r"1 descriptors are all zeros \(first: id z4\)"):
+        kernel.rows.SplitRows(path).block(0, 10)
+    store.save_split(tmp_path, "m", "train", ids, (emb * 100).astype(np.int8))
+    with pytest.raises(Exception, match="dtype int8"):
+        kernel.rows.SplitRows(path)
