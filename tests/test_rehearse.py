@@ -47,3 +47,12 @@ def test_rehearsal_over_budget_fails_and_foreign_folder_is_refused(tmp_path):
     res = _rehearse(foreign)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error:")
     assert (foreign / "keep.txt").read_text() == "mine" and sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
+
+
+def test_peak_rss_sees_a_large_allocation():
+    from kernel.memory import peak_rss_gib
+
+    before = peak_rss_gib()
+    block = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+    assert block.sum() > 0
+    assert peak_rss_gib() >= before + 0.25 or before > 0.3  # the high-water mark moved (or was already above)
