@@ -8,7 +8,8 @@ For every train size, a synthetic store of the real format (``python -m kernel r
 the same sizes), then ``python -m kernel postprocess`` runs in a child process for each track with
 ``--memory-gb`` and no prepared artefacts (everything computed): recognition with every model, retrieval
 (soft) with ``--retrieval-models``. Reported per run: wall time, peak resident memory of the child
-(``getrusage`` through ``wait4``), and the ratio of the time to its matrix-product floor.
+(its own high-water mark, ``kernel.memory.peak_rss_gib``; ``getrusage`` through ``wait4`` is kept beside it), and
+the ratio of the time to its matrix-product floor.
 
 The floor is the run's similarity products alone, in the blocks and dtype :func:`kernel.search.topk` uses
 (``bench_postprocess.floor``), timed in this process right after the run on a sample of

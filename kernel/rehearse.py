@@ -4,7 +4,7 @@ Writes a synthetic descriptor store of the competition's size (defaults: 1,580,4
 GLDv2-clean, 76,176 index images as in the 2021 retrieval index, 10,000 test images, the eight models of
 the 2021 ensemble, a non-landmark bank of 2,000) in the store's real format (float16 ``.npz``, 512-d, one
 model at a time, never the whole set in memory), then runs ``postprocess`` for each track in a child
-process and reports its wall time and peak resident memory (``getrusage`` of the child) against the
+process and reports its wall time and peak resident memory (the child's own ``VmHWM``) against the
 budget, and a projection of the time on Kaggle.
 
 The descriptors are clustered like landmark descriptors (every image is its landmark's centre plus
@@ -96,15 +96,26 @@ def write_store(out: Path, n_train: int, n_index: int, n_test: int, n_bank: int,
 
 
 def run_child(args: list[str], log_path: Path) -> dict:
-    """Run ``python -m kernel <args>``; its wall time and peak RSS (this child alone, ``wait4``)."""
+    """Run ``python -m kernel postprocess ...``; its wall time and peak resident memory.
+
+    The peak is the one the child reports for its own program (``peak_rss_gib`` in its last JSON line:
+    :func:`kernel.memory.peak_rss_gib`); ``getrusage`` of the child through ``wait4`` is kept beside it as
+    ``child_maxrss_gib`` (on Linux it includes this process's size at the fork, see that function).
+    """
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "kernel", *args], stdout=log, stderr=subprocess.STDOUT,
                                 cwd=Path(__file__).resolve().parents[1])
         _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": time.monotonic() - t0, "peak_rss_gib": usage.ru_maxrss / 2**20, "returncode": proc.returncode,
-            "log": str(log_path)}
+    code = os.waitstatus_to_exitcode(status)
+    reported = None
+    for line in reversed(Path(log_path).read_text(errors="replace").splitlines()):
+        if line.startswith("{") and "peak_rss_gib" in line:
+            reported = json.loads(line)["peak_rss_gib"]
+            break
+    maxrss = usage.ru_maxrss / 2**20
+    return {"seconds": time.monotonic() - t0, "peak_rss_gib": reported if reported is not None else maxrss,
+            "child_maxrss_gib": maxrss, "returncode": code, "log": str(log_path)}
 
 
 def products_tflop(track: str, sizes: dict, n_models: int, n_retrieval: int, dim: int) -> float:

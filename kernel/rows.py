@@ -180,7 +180,7 @@ class SplitRows(Rows):
                 got = os.preadv(fh.fileno(), [memoryview(buf).cast("B")], offset + sel.start * buf.itemsize * shape[1])
             if got != buf.nbytes:
                 raise KernelError(f"{self.path}: truncated descriptor file (rows {sel.start}-{sel.stop})")
-            return buf.astype(np.float32)
+            return torch.from_numpy(buf).float().numpy()  # torch converts float16 3x faster than numpy
         mm = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
         try:
             return mm[sel].astype(np.float32)  # a copy: the mapping is dropped with ``mm``
@@ -215,19 +215,19 @@ class FamilyRows(Rows):
         self.dim = sum(self.dims)
 
     def block(self, r0: int, r1: int) -> np.ndarray:
-        out = np.empty((r1 - r0, self.dim), np.float32)
+        # torch, in the order of kernel.postprocess.recognition.family_descriptors: the same bits
+        out = torch.empty((r1 - r0, self.dim), dtype=torch.float32)
         off = 0
         for fam, d in zip(self.families, self.dims):
             acc = out[:, off : off + d]
-            acc[:] = fam[0].block(r0, r1)
+            acc.copy_(torch.from_numpy(fam[0].block(r0, r1)))
             for rows in fam[1:]:
-                acc += rows.block(r0, r1)
+                acc += torch.from_numpy(rows.block(r0, r1))
             acc /= len(fam)
             off += d
-        if self.normalize:  # torch's norm, as kernel.postprocess.recognition.family_descriptors: same bits
-            t = torch.from_numpy(out)
-            t /= t.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        return out
+        if self.normalize:
+            out /= out.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return out.numpy()
 
 
 class EnsembleRows(Rows):

@@ -281,7 +281,7 @@ def topk(
             rescores in float32 only the rows a rigorous error bound keeps (same exact result, faster where
             the CPU has bfloat16 dot products), ``"off"`` never, ``"auto"`` (default) when this CPU's
             bfloat16 products are measurably faster and the search has at least
-            ``PREFILTER_MIN_PAIRS`` pairs. ``None``: ``DEFAULT_PREFILTER`` (``"auto"``; the
+            ``PREFILTER_MIN_PAIRS`` pairs and ``PREFILTER_MIN_DB`` database rows. ``None``: ``DEFAULT_PREFILTER`` (``"auto"``; the
             ``postprocess`` command's ``--search-prefilter`` sets it).
         progress: show a tqdm bar over query chunks.
 
@@ -472,6 +472,10 @@ def _search_blocks(q_all, product, score_fn, kk, qc, dc, dev, dt, out_v, out_i, 
 # bfloat16 product is really faster.
 
 PREFILTER_MIN_PAIRS = 1 << 22  # below this many (query, row) pairs the float32 search is as fast
+#: below this many database rows (one CPU block) the float32 search is faster: the prefilter's per-query
+#: error bound and rescoring are not amortised (measured: 1.58 M x 2,000 bank rows, 1536-d, B(t) of the
+#: recognition post-processing: float32 6.8 s vs bfloat16 8.0 s per 10^5 queries, BENCHMARKS.md)
+PREFILTER_MIN_DB = 16384
 PREFILTERS = ("auto", "bf16", "off")
 DEFAULT_PREFILTER = "auto"  # what topk(prefilter=None) uses
 _BF16_U = 2.0**-8
@@ -527,7 +531,7 @@ def _use_prefilter(prefilter: str, dev: torch.device, dt: torch.dtype, score_fn,
         return False
     if prefilter == "bf16":
         return True
-    return n_q * n_db >= PREFILTER_MIN_PAIRS and bf16_prefilter_available()
+    return n_q * n_db >= PREFILTER_MIN_PAIRS and n_db >= PREFILTER_MIN_DB and bf16_prefilter_available()
 
 
 class _Bf16Database:

@@ -47,3 +47,12 @@ def test_rehearsal_over_budget_fails_and_foreign_folder_is_refused(tmp_path):
     res = _rehearse(foreign)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error:")
     assert (foreign / "keep.txt").read_text() == "mine" and sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
+
+
+def test_peak_rss_sees_a_large_allocation():
+    """In a fresh small process: touching 300 MiB moves the peak by about that much."""
+    code = ("from kernel.memory import peak_rss_gib; import numpy as np; a = peak_rss_gib(); "
+            "b = np.ones(300 * 2**20 // 8); b.sum(); print(a, peak_rss_gib())")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    before, after = map(float, res.stdout.split())
+    assert before < 0.2 and 0.27 < after - before < 0.4

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 
 from kernel import search, submission
+from kernel.memory import peak_rss_gib
 from kernel.postprocess import pipeline
 
 logger = logging.getLogger(__name__)
@@ -73,9 +73,10 @@ def run(args) -> int:
     test_ids = list(preds)
     submission.write_submission(args.track, preds, test_ids, args.out)
     summary = submission.check_submission(args.track, args.out, test_ids=test_ids)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    peak = peak_rss_gib()
     (logger.warning if peak > args.memory_gb else logger.info)(
         "peak resident memory %.2f GiB (budget %g GiB)", peak, args.memory_gb)
+    summary["peak_rss_gib"] = round(peak, 3)
     print(f"wrote {args.out}: {summary['rows']} rows, {summary['predicted']} with a prediction, {summary['empty']} empty")
     print(json.dumps(summary, sort_keys=True))
     return 0
