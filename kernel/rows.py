@@ -169,10 +169,11 @@ class SplitRows(Rows):
         out.ids, out.order = np.asarray(ref_ids), pos.astype(np.int64)
         return out
 
-    def _read(self, sel) -> np.ndarray:
-        """Rows ``sel`` (a slice, or sorted positions) in float32."""
+    def _read_into(self, out: np.ndarray, sel) -> None:
+        """Rows ``sel`` (a slice, or sorted positions) into the float32 array ``out``."""
         if self.memory is not None:
-            return self.memory[sel].astype(np.float32)
+            out[:] = self.memory[sel]
+            return
         offset, dtype, shape = self.layout
         if isinstance(sel, slice):  # contiguous rows: one positioned read, nothing mapped
             buf = np.empty((sel.stop - sel.start, shape[1]), dtype)
@@ -180,23 +181,24 @@ class SplitRows(Rows):
                 got = os.preadv(fh.fileno(), [memoryview(buf).cast("B")], offset + sel.start * buf.itemsize * shape[1])
             if got != buf.nbytes:
                 raise KernelError(f"{self.path}: truncated descriptor file (rows {sel.start}-{sel.stop})")
-            return torch.from_numpy(buf).float().numpy()  # torch converts float16 3x faster than numpy
-        mm = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
-        try:
-            return mm[sel].astype(np.float32)  # a copy: the mapping is dropped with ``mm``
-        finally:
+        else:
+            mm = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
+            buf = mm[sel]  # a copy: the mapping is dropped with ``mm``
             del mm
+        torch.from_numpy(out).copy_(torch.from_numpy(buf))  # converted in one pass (torch: 3x numpy's speed)
 
     def block(self, r0: int, r1: int) -> np.ndarray:
         out = np.empty((r1 - r0, self.dim), np.float32)
         for s in range(r0, r1, READ_ROWS):
             e = min(r1, s + READ_ROWS)
             if self.order is None:
-                out[s - r0 : e - r0] = self._read(slice(s, e))
+                self._read_into(out[s - r0 : e - r0], slice(s, e))
             else:
                 pos = self.order[s:e]
                 srt = np.argsort(pos, kind="stable")
-                out[s - r0 + srt] = self._read(pos[srt])
+                part = np.empty((e - s, self.dim), np.float32)
+                self._read_into(part, pos[srt])
+                out[s - r0 + srt] = part
         norms = torch.linalg.vector_norm(torch.from_numpy(out), dim=1)  # one fast pass; details if needed
         if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
             check_rows(self.ids[r0:r1], out, str(self.path))
