@@ -37,12 +37,12 @@ from kernel.errors import KernelError
 log = logging.getLogger(__name__)
 
 ENV_DEVICES = "KERNEL_EXTRACT_DEVICES"
-MIN_BATCHES_PER_DEVICE = 2  # our reading: below two batches per device, spawning (seconds) costs more than it gains
+MIN_BATCHES_PER_DEVICE = 4  # our reading: spawning costs seconds; predict's probe (16 images) stays in one process
 JOIN_SECONDS = 120.0  # how long the parent waits for stopped workers to flush before it terminates them
 
 
 def extract_devices(device=None) -> list[torch.device]:
-    """The devices an extraction with ``device`` uses.
+    """The devices an extraction with ``device`` uses (``predict`` divides its per-image projection by their number).
 
     ``None``/"auto": ``$KERNEL_EXTRACT_DEVICES`` when set, else every visible GPU (``CUDA_VISIBLE_DEVICES``
     narrows them), else the CPU. ``"cuda"``: every visible GPU. ``"cuda:N"`` or ``"cpu"``: that one device.

@@ -79,7 +79,7 @@ def test_devices_of_each_setting(monkeypatch):
     with pytest.raises(KernelError, match=md.ENV_DEVICES):
         md.extract_devices(None)
     # too few images to be worth two processes: one device does it
-    assert not md.worth_sharing([torch.device("cpu")] * 2, 7, 2) and md.worth_sharing([torch.device("cpu")] * 2, 8, 2)
+    assert not md.worth_sharing([torch.device("cpu")] * 2, 15, 2) and md.worth_sharing([torch.device("cpu")] * 2, 16, 2)
     assert not md.worth_sharing([torch.device("cpu")], 1000, 2)
     assert md.worker_decoders(0, 2, "cuda") == 0 and md.worker_decoders(8, 2, "cuda") == 4
     assert md.worker_decoders(1, 2, "cuda") == 1
@@ -165,3 +165,18 @@ def test_sigkill_mid_way_then_resume(entries, tiny_weights, images, reference, t
     assert rc.returncode == 0, rc.stderr[-2000:]
     assert "complete" in rc.stdout
     assert _store_files(killed) == _store_files(reference)
+
+
+def test_predict_uses_every_device_and_writes_the_same_submission(tiny_weights, tmp_path, monkeypatch):
+    from kernel.predict import predict
+    from kernel.sample_competition import make_competition, sample_photos
+
+    comp = make_competition(tmp_path / "comp", seed=3, photos=sample_photos()[:5])
+    weights, manifest = tiny_weights
+    kw = dict(models=TWO[0], progress=False, workers=0, batch_size=1)
+    one = predict("recognition", comp.recognition, manifest, weights, tmp_path / "one" / "s.csv", device="cpu", **kw)
+    monkeypatch.setenv(md.ENV_DEVICES, "cpu,cpu")
+    two = predict("recognition", comp.recognition, manifest, weights, tmp_path / "two" / "s.csv", **kw)
+    assert (tmp_path / "two" / "s.csv").read_text() == (tmp_path / "one" / "s.csv").read_text()
+    assert two.predicted == one.predicted > 0 and not two.dropped
+    assert any("on cpu,cpu" in d for d in two.decisions), two.decisions  # the train split: both workers
