@@ -21,7 +21,10 @@ How the loop works (:func:`extract`):
   ``flush_images`` images or ``flush_seconds`` seconds, on a deadline, on Ctrl-C and on any error. A new run
   skips every id already in a shard or in ``<split>.npz``; when a model's split is complete the shards are
   consolidated into ``<split>.npz`` (in id order). A completed split is never recomputed.
-- Offline train/index extraction on many GPUs: ``shard=(i, n)`` (``--shard i/n``, or torchrun's
+- Every visible GPU is used: with more than one device (and at least a few batches each) the call runs one
+  worker process per device on an interleaved share of the images and merges their shards at the end, exactly
+  as the ``shard`` recipe below does (:mod:`kernel.multidevice`).
+- Offline train/index extraction on many machines: ``shard=(i, n)`` (``--shard i/n``, or torchrun's
   RANK/WORLD_SIZE) takes every n-th image, writes its shards in its own part-number range and failures to
   ``failures/<split>.shard-i-of-n.csv``, and never consolidates. Copy the ``.parts`` folders and failure files
   of all shards into one store and run once more without a shard: nothing is left to compute, the shards
@@ -748,7 +751,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=None, help="comma-separated subset of the manifest's models")
     p.add_argument("--track", choices=["recognition", "retrieval"], default=None,
                    help="only the models of this track")
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cuda (every visible GPU, one worker process each), cuda:N (that "
+                   "GPU only) or cpu (default: every visible GPU, else the CPU)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 32 on CUDA, 8 on CPU; "
                    "halved per model on out-of-memory)")
     p.add_argument("--workers", type=int, default=None,
