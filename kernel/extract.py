@@ -81,14 +81,14 @@ class ExtractSummary:
     models: list  # model names, in the order given
     computed: dict = field(default_factory=dict)  # model -> descriptors computed in this call
     present: dict = field(default_factory=dict)  # model -> descriptors already in the store before
-    model_seconds: dict = field(default_factory=dict)  # model -> seconds in forward passes
+    model_seconds: dict = field(default_factory=dict)  # model -> seconds in forward passes (summed over devices)
     failures: dict = field(default_factory=dict)  # id -> reason, every known failure of these records
     new_failures: int = 0  # failures found in this call
     decode_wait: float = 0.0  # seconds the loop waited for decoded batches (decoding starved the device)
     seconds: float = 0.0
     complete: bool = False  # every model has every (decodable) record
     stopped: str = ""  # why the call ended early ("deadline", "max_batches"), empty when it ran to the end
-    device: str = ""
+    device: str = ""  # "cuda:0,cuda:1" when the call ran one worker process per device
     fp32_recomputed: dict = field(default_factory=dict)  # model -> items recomputed in fp32 (NaN guard)
 
     def images_per_s(self, model: str) -> float:

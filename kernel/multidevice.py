@@ -99,9 +99,10 @@ def _die_with_parent() -> None:
 def _worker(i: int, n: int, device: str, args: tuple, kwargs: dict, messages, stop, log_level: int,
             worker_init) -> None:
     """One device's share (runs in a spawned process); reports progress and its summary to ``messages``."""
-    parent = os.getppid()
+    import multiprocessing as mp
+
     _die_with_parent()
-    if os.getppid() != parent:  # the parent died before the death signal was armed
+    if os.getppid() != mp.parent_process().pid:  # the parent died before the death signal was armed
         return
     logging.basicConfig(level=log_level, format=f"%(asctime)s [{device}] %(levelname)s %(name)s: %(message)s")
     if worker_init is not None:
@@ -111,7 +112,7 @@ def _worker(i: int, n: int, device: str, args: tuple, kwargs: dict, messages, st
     from kernel.extract import extract
 
     def report(p) -> None:
-        messages.put(("progress", i, p.done, p.total))
+        messages.put(("progress", i, p.done, p.total, p.model_seconds))
 
     try:
         s = extract(*args, device=device, shard=(i, n), on_batch=report, should_stop=stop.is_set,
@@ -137,7 +138,7 @@ class _Workers:
         level = logging.getLogger().getEffectiveLevel()
         self.procs = [ctx.Process(target=_worker, name=f"extract-{d}-{i}", args=(
             i, n, d, args, kwargs, self.messages, self.stop, level, worker_init)) for i, d in enumerate(self.devices)]
-        self.progress = [(0, 0)] * n
+        self.progress = [(0, 0, {})] * n  # (done, total, model seconds) of each worker
         self.results: dict = {}  # i -> ExtractSummary or error text
 
     def start(self) -> None:
@@ -147,7 +148,7 @@ class _Workers:
     def _take(self, msg) -> None:
         kind, i = msg[0], msg[1]
         if kind == "progress":
-            self.progress[i] = (msg[2], msg[3])
+            self.progress[i] = msg[2:5]
         else:
             self.results[i] = msg[2]
 
@@ -192,14 +193,18 @@ def _drain(workers: _Workers, on_batch, bar, t_start: float, total: int) -> None
     while not workers.finished():
         if not workers.poll(timeout=1.0):
             continue
-        done = sum(d for d, _ in workers.progress)
+        done = sum(p[0] for p in workers.progress)
         if done == last:
             continue
         if bar is not None:
             bar.update(done - last)
         last = done
-        if on_batch is not None:
-            on_batch(Progress(done, total, time.monotonic() - t_start, {}))
+        if on_batch is not None:  # model seconds: summed over the devices
+            seconds: dict = {}
+            for p in workers.progress:
+                for m, v in p[2].items():
+                    seconds[m] = seconds.get(m, 0.0) + v
+            on_batch(Progress(done, total, time.monotonic() - t_start, seconds))
 
 
 def run_workers(devices, args: tuple, kwargs: dict, *, total: int, on_batch, progress: bool, split: str,

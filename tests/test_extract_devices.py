@@ -92,6 +92,7 @@ def test_two_workers_give_the_one_process_store(entries, tiny_weights, images, r
     assert s.complete and not s.stopped and s.device == "cpu,cpu"
     assert s.computed == {n: 12 for n in TWO} and s.failures.keys() == {"zz_broken"} and s.new_failures == 1
     assert seen and seen[-1].done == 13 and seen[-1].total == 13  # the workers' progress reaches the caller
+    assert set(seen[-1].model_seconds) == set(TWO) and all(v > 0 for v in seen[-1].model_seconds.values())
     assert _store_files(tmp_path / "two") == _store_files(reference)  # shards merged, worker files gone
     again = _run(entries, tiny_weights, images, tmp_path / "two")  # a completed split is not recomputed
     assert again.complete and sum(again.computed.values()) == 0 and again.device == "cpu"
