@@ -4,14 +4,14 @@
 :func:`extract_devices`) and enough images to share. The run is exactly the offline ``--shard i/n`` recipe done
 inside one call:
 
-- the parent checks the store and the models (``meta.json``, ``--overwrite``) first, then starts one *spawned*
-  process per device (CUDA cannot be forked); worker ``i`` extracts the ``i``-th of ``n`` interleaved shares
+- the parent checks the store and the models (``meta.json``, ``--overwrite``) first, then starts one process
+  per device, forked from a fork server that never touches CUDA (spawned where there is none); worker ``i`` extracts the ``i``-th of ``n`` interleaved shares
   of the images that still need a descriptor, on its device, writing atomic shards in its own part-number
   range and its failures to ``failures/<split>.shard-i-of-n.csv`` (the same files ``--shard i/n`` writes);
 - every worker gets the same absolute deadline (``time.monotonic()`` is one clock for every process of the
   machine) and a stop flag the parent sets on Ctrl-C or when its ``on_batch`` raises; a worker stops after its
   current batch and keeps everything it computed, as one device does;
-- a worker whose parent dies gets SIGTERM (Linux), which stops it like Ctrl-C: its last batches are flushed;
+- a worker whose parent dies (even by SIGKILL) stops like on Ctrl-C: its last batches are flushed;
 - when every worker is done, the parent runs the unsharded extraction once more on one device: nothing is left
   to compute, so it merges the shards into ``<split>.npz`` exactly as after ``--shard``. A worker that failed
   (a GPU lost, out of memory at batch size 1) leaves its share to that final pass, on a device that worked;
@@ -81,29 +81,28 @@ def worker_decoders(workers: int | None, n: int, device_type: str) -> int:
 
 # ----------------------------------------------------------------------------------------------- worker side
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this process when the parent dies; SIGTERM stops the extraction like Ctrl-C (flushes)."""
+def _stop_with_parent() -> None:
+    """SIGTERM stops this worker like Ctrl-C (its finished batches are flushed), and so does the parent's death:
+    a watcher thread waits on the parent's sentinel (a pipe that closes when the parent dies, however it dies)."""
+    import multiprocessing as mp
+    import threading
+
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        import ctypes
+    def watch(parent) -> None:
+        parent.join()
+        log.warning("the parent process died: stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the parent's stop flag and join still end the worker
-        pass
+    signal.signal(signal.SIGTERM, on_term)
+    threading.Thread(target=watch, args=(mp.parent_process(),), name="parent-watch", daemon=True).start()
 
 
 def _worker(i: int, n: int, device: str, args: tuple, kwargs: dict, messages, stop, log_level: int,
             worker_init) -> None:
     """One device's share (runs in a spawned process); reports progress and its summary to ``messages``."""
-    import multiprocessing as mp
-
-    _die_with_parent()
-    if os.getppid() != mp.parent_process().pid:  # the parent died before the death signal was armed
-        return
+    _stop_with_parent()
     logging.basicConfig(level=log_level, format=f"%(asctime)s [{device}] %(levelname)s %(name)s: %(message)s")
     if worker_init is not None:
         worker_init()
@@ -119,19 +118,32 @@ def _worker(i: int, n: int, device: str, args: tuple, kwargs: dict, messages, st
                     progress=False, **kwargs)
         messages.put(("done", i, s))
     except BaseException as exc:  # reported to the parent, which decides; the traceback goes to the log
-        log.error("worker on %s failed", device, exc_info=not isinstance(exc, (KernelError, KeyboardInterrupt)))
+        if isinstance(exc, KeyboardInterrupt):
+            log.warning("worker on %s stopped (%s); its finished batches are kept", device, exc)
+        else:
+            log.error("worker on %s failed", device, exc_info=not isinstance(exc, KernelError))
         messages.put(("error", i, f"{type(exc).__name__}: {exc}" if not isinstance(exc, KernelError) else str(exc)))
 
 
 # ----------------------------------------------------------------------------------------------- parent side
 
+def _context():
+    """Fork-server workers where the platform has them: the server imports torch and the models once per run
+    (CUDA is never initialised in it), each worker forks from it in well under a second; else spawned ones."""
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["kernel.extract", "kernel.models", "kernel.data.loader"])
+    return ctx
+
+
 class _Workers:
     """The worker processes of one call and what they reported."""
 
     def __init__(self, devices, args, kwargs, worker_init):
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
+        ctx = _context()
         self.messages, self.stop = ctx.Queue(), ctx.Event()
         self.devices = [str(d) for d in devices]
         n = len(self.devices)

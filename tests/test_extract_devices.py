@@ -116,7 +116,7 @@ def test_deadline_stops_every_worker_and_resumes(entries, tiny_weights, images, 
     assert s.stopped == "deadline" and not s.complete and s.computed == {n: 2 for n in TWO}
     assert not any(kstore.has_split(st, n, "test") for n in TWO)
     assert all(len(kstore.read_parts(st, n, "test")[0]) == 2 for n in TWO)
-    done = _run(entries, tiny_weights, images, st)
+    done = _run(entries, tiny_weights, images, st, device="cpu")  # resumable on any number of devices
     assert done.complete and done.present == {n: 2 for n in TWO} and done.computed == {n: 10 for n in TWO}
     assert _store_files(st) == _store_files(reference)
 
@@ -141,31 +141,94 @@ def test_a_failed_worker_leaves_its_share_to_the_final_pass(entries, tiny_weight
     assert _store_files(tmp_path / "s") == _store_files(reference)
 
 
-def test_sigkill_mid_way_then_resume(entries, tiny_weights, images, reference, tmp_path):
+def _processes_with(marker: str) -> list[int]:
+    """Pids of the processes whose environment holds ``marker`` (the run, its fork server, its workers)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and marker.encode() in (d / "environ").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _extract_cmd(tiny_weights, images, store, models) -> list[str]:
     weights, manifest = tiny_weights
-    killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "kernel", "extract", "--manifest", str(manifest), "--weights", str(weights),
-           "--images", str(images), "--split", "test", "--models", ",".join(TWO), "--batch-size", "1",
-           "--workers", "0", "--flush-images", "1", "--dtype", "float32", "--no-progress", "--store", str(killed)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", md.ENV_DEVICES: "cpu,cpu"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    return [sys.executable, "-m", "kernel", "extract", "--manifest", str(manifest), "--weights", str(weights),
+            "--images", str(images), "--split", "test", "--models", ",".join(models), "--batch-size", "1",
+            "--workers", "0", "--flush-images", "1", "--dtype", "float32", "--no-progress", "--store", str(store)]
+
+
+def _start(cmd, marker: str):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", md.ENV_DEVICES: "cpu,cpu", marker: "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    part = kstore.parts_dir(killed, TWO[0], "test")
+
+
+def _wait_for_both_workers(proc, part: Path) -> None:
+    """Until each worker (part numbers 0... and 1000000...) has written a shard."""
     t0 = time.monotonic()
-    try:  # both workers have written a shard: kill the whole process group (as Kaggle ends a session)
-        while not (part.is_dir() and {p.name[5] for p in part.glob("part-*.npz")} >= {"0", "1"}):
-            assert proc.poll() is None, "the extraction ended before it could be killed"
-            assert time.monotonic() - t0 < 120
-            time.sleep(0.002)
+    while not (part.is_dir() and {p.name[5] for p in part.glob("part-*.npz")} >= {"0", "1"}):
+        assert proc.poll() is None, "the extraction ended before it could be killed"
+        assert time.monotonic() - t0 < 120
+        time.sleep(0.002)
+
+
+def test_sigkill_mid_way_then_resume(tiny_weights, images, reference, tmp_path, monkeypatch):
+    """The whole run is killed (as Kaggle ends a session); a new run finishes it with the reference's result."""
+    killed = tmp_path / "killed"
+    proc = _start(_extract_cmd(tiny_weights, images, killed, TWO), f"KERNEL_TEST_{os.getpid()}_group")
+    try:
+        _wait_for_both_workers(proc, kstore.parts_dir(killed, TWO[0], "test"))
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not any(kstore.has_split(killed, n, "test") for n in TWO)
-    env_ok = {**env}
-    rc = subprocess.run(cmd, cwd=ROOT, env=env_ok, capture_output=True, text=True)
-    assert rc.returncode == 0, rc.stderr[-2000:]
-    assert "complete" in rc.stdout
+    assert len(kstore.read_parts(killed, TWO[0], "test")[0]) > 0
+    monkeypatch.setenv(md.ENV_DEVICES, "cpu,cpu")
+    manifest = tiny_weights[1]
+    s = _run(select(load_manifest(manifest), ",".join(TWO)), tiny_weights, images, killed)  # two workers again
+    assert s.complete and 0 < sum(s.present.values())
     assert _store_files(killed) == _store_files(reference)
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids of the processes whose environment holds ``marker`` (the run, its fork server, its workers)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and marker.encode() in (d / "environ").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="needs /proc to find the workers")
+def test_workers_stop_when_their_parent_is_killed(tiny_weights, tmp_path):
+    """Only the main process is killed: its workers stop after their batch instead of extracting on alone."""
+    from PIL import Image
+
+    many = tmp_path / "many"
+    many.mkdir()
+    Image.open(SAMPLES[0]).convert("RGB").resize((48, 48)).save(many / "p000.jpg")
+    for k in range(1, 600):  # seconds of work per worker, against milliseconds for a worker to stop
+        (many / f"p{k:03d}.jpg").write_bytes((many / "p000.jpg").read_bytes())
+    store, marker = tmp_path / "s", f"KERNEL_TEST_{os.getpid()}_parent"
+    proc = _start(_extract_cmd(tiny_weights, many, store, TWO[:1]), marker)
+    t0 = time.monotonic()
+    try:
+        _wait_for_both_workers(proc, kstore.parts_dir(store, TWO[0], "test"))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        while _processes_with(marker):
+            assert time.monotonic() - t0 < 120, "worker processes outlived their killed parent"
+            time.sleep(0.05)
+    finally:
+        if _processes_with(marker):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert 0 < len(kstore.read_parts(store, TWO[0], "test")[0]) < 300  # both stopped well before their end
 
 
 def test_predict_uses_every_device_and_writes_the_same_submission(tiny_weights, tmp_path, monkeypatch):
@@ -174,10 +237,11 @@ def test_predict_uses_every_device_and_writes_the_same_submission(tiny_weights, 
 
     comp = make_competition(tmp_path / "comp", seed=3, photos=sample_photos()[:5])
     weights, manifest = tiny_weights
-    kw = dict(models=TWO[0], progress=False, workers=0, batch_size=1)
+    # batch 1: a split of 8 or more images goes over the two workers; the probe (10) leaves 6 test images
+    kw = dict(models=TWO[0], progress=False, workers=0, batch_size=1, probe_images=10)
     one = predict("recognition", comp.recognition, manifest, weights, tmp_path / "one" / "s.csv", device="cpu", **kw)
     monkeypatch.setenv(md.ENV_DEVICES, "cpu,cpu")
     two = predict("recognition", comp.recognition, manifest, weights, tmp_path / "two" / "s.csv", **kw)
     assert (tmp_path / "two" / "s.csv").read_text() == (tmp_path / "one" / "s.csv").read_text()
     assert two.predicted == one.predicted > 0 and not two.dropped
-    assert any("on cpu,cpu" in d for d in two.decisions), two.decisions  # the train split: both workers
+    assert any("on cpu,cpu" in d for d in two.decisions), two.decisions  # the train split (15): both workers
