@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "extract": "kernel.extract",
     "bundle": "kernel.bundle",
     "postprocess": "kernel.postprocess.cli",
+    "prepare": "kernel.prepare",
+    "rehearse": "kernel.rehearse",
     "validate": "kernel.validate",
 }
 

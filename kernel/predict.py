@@ -80,6 +80,10 @@ def _link_reference(src_store: Path, work: Path, entry: dict, split: str, report
                 f"{meta_path}: descriptors of '{name}' were computed with checkpoint sha256 "
                 f"{meta['sha256'][:16]}..., the manifest pins {entry['sha256'][:16]}...: they do not belong together"
             )
+        if meta.get("computed_with_sha256"):  # a converted checkpoint: remember which one computed them
+            work_meta = kstore.read_meta(work, name)
+            if work_meta.get("computed_with_sha256") != meta["computed_with_sha256"]:
+                kstore.write_meta(work, name, {**work_meta, "computed_with_sha256": meta["computed_with_sha256"]})
     dst = kstore.split_path(work, name, split)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.is_symlink() or dst.exists():
@@ -110,14 +114,17 @@ def _usable(work: Path, names: list[str], track: str) -> list[str]:
 
 
 def _postprocess(track: str, work: Path, train_labels, names: list[str], device, rerank: str, params: dict,
-                 progress: bool):
+                 progress: bool, reuse: dict):
+    """One post-processing of the working store. ``reuse``: ``prepared_dirs`` (the shipped stores'
+    ``prepared/`` folders, then the working one), ``cache_dir`` (where test-independent work computed
+    here is kept, so later chunks never recompute it) and ``memory_gb``."""
     from kernel.postprocess import pipeline
 
     if track == "recognition":
         return pipeline.recognition_from_store(work, train_labels, models=names, device=device, progress=progress,
-                                               **params)
+                                               **reuse, **params)
     return pipeline.retrieval_from_store(work, train_labels, models=names, rerank=rerank, device=device,
-                                         progress=progress, **params)
+                                         progress=progress, **reuse, **params)
 
 
 def _count_predicted(predictions: dict) -> int:
@@ -147,6 +154,7 @@ def predict(
     rerank: str = "soft",
     params: dict | None = None,
     progress: bool = True,
+    memory_gb: float | None = 10.0,
 ) -> PredictReport:
     """Run the whole job; see the module docstring. Returns a :class:`PredictReport`."""
     from kernel.data.sources import folder_source, kaggle_split
@@ -258,6 +266,10 @@ def predict(
             _decide(report, "%s", s.line())
 
     # 4. test images in chunks, a better submission after each
+    from kernel.postprocess.prepared import prepared_dir
+
+    shipped = [prepared_dir(s) for s in (store, index_store) if s]
+    reuse = dict(prepared_dirs=shipped + [prepared_dir(work)], cache_dir=prepared_dir(work), memory_gb=memory_gb)
     names = [e["name"] for e in kept]
     n_chunks = max(1, min(chunks, math.ceil(remaining_test / max(1, min_chunk))))
     bounds = sorted({n_probe, *[n_probe + math.ceil(remaining_test * (i + 1) / n_chunks) for i in range(n_chunks)]})
@@ -277,7 +289,7 @@ def predict(
             _decide(report, "no model has all of test + %s yet: keeping the fallback submission",
                     " + ".join(REFERENCE_SPLITS[track]))
             continue
-        predictions = _postprocess(track, work, train_labels, usable, device, rerank, params, progress)
+        predictions = _postprocess(track, work, train_labels, usable, device, rerank, params, progress, reuse)
         write_submission(track, predictions, test_ids, out)
         report.submissions += 1
         report.models = usable
@@ -318,6 +330,8 @@ def add_arguments(p) -> None:
     p.add_argument("--probe-images", type=int, default=None, help="test images timed before planning")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: one per core)")
+    p.add_argument("--memory-gb", type=float, default=10.0,
+                   help="memory budget of the post-processing in GiB (default 10, the smallest Kaggle machine)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -327,7 +341,7 @@ def run(args) -> int:
         index_store=args.index_store, train_labels=args.train_labels, work=args.work, nonlandmark=args.nonlandmark,
         deadline_hours=args.deadline_hours, reserve_minutes=args.reserve_minutes, device=args.device,
         models=args.models, chunks=args.chunks, min_chunk=args.min_chunk, probe_images=args.probe_images, batch_size=args.batch_size,
-        workers=args.workers, rerank=args.rerank, progress=not args.no_progress,
+        workers=args.workers, rerank=args.rerank, progress=not args.no_progress, memory_gb=args.memory_gb,
     )
     print(report.line())
     return 0

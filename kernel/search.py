@@ -31,6 +31,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import kernel.rows
+from kernel.rows import Rows
+
 logger = logging.getLogger(__name__)
 
 # score_fn(scores, query_rows, db_cols) -> scores: a float32 (bq, bd) block, the query positions
@@ -259,14 +262,16 @@ def topk(
     db_chunk: int | None = None,
     block_elements: int | None = None,
     prefilter: str | None = None,
+    pass_bytes: int | None = None,
     progress: bool = False,
     desc: str = "search",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of ``queries @ database.T`` (optionally re-scored by ``score_fn``).
 
     Args:
-        queries: (Nq, D) array or tensor (L2-normalised rows for cosine).
-        database: (Nd, D) array or tensor.
+        queries: (Nq, D) array or tensor (L2-normalised rows for cosine), or :class:`kernel.rows.Rows`.
+        database: (Nd, D) array or tensor, or :class:`kernel.rows.Rows` (read from disk in passes of
+            about ``pass_bytes`` bytes in the compute dtype; the result is the same, see :func:`_topk_rows`).
         k: neighbours per query; fewer when the database is smaller.
         device: torch device; ``None`` picks CUDA when available, else the CPU.
         dtype: compute dtype of the matrix products; default float16 on CUDA, float32 on a CPU.
@@ -288,6 +293,10 @@ def topk(
         raise ValueError(f"k must be >= 1, got {k}")
     dev = resolve_device(device)
     dt = dtype or compute_dtype(dev)
+    if isinstance(queries, Rows) or isinstance(database, Rows):
+        return _topk_rows(queries, database, k, dev, dt, score_fn, pass_bytes, progress, desc,
+                          dict(query_chunk=query_chunk, db_chunk=db_chunk, block_elements=block_elements,
+                               prefilter=prefilter))
     db = to_device(database, dev, dt)
     q_all = queries if isinstance(queries, torch.Tensor) else torch.as_tensor(np.asarray(queries))
     if q_all.ndim != 2 or q_all.shape[1] != db.shape[1]:
@@ -313,6 +322,87 @@ def topk(
         torch.set_num_threads(threads)
         bar.close()
     return out_v, out_i
+
+
+#: default bytes of one pass over a streamed database (in the compute dtype); ``pass_bytes`` overrides it
+PASS_BYTES = 512 << 20
+
+
+def _shifted(score_fn: ScoreFn | None, q0: int, d0: int) -> ScoreFn | None:
+    """``score_fn`` seeing global query / database positions when called on a pass starting at (q0, d0)."""
+    if score_fn is None or (q0 == 0 and d0 == 0):
+        return score_fn
+    return lambda b, r, c: score_fn(b, slice(r.start + q0, r.stop + q0), slice(c.start + d0, c.stop + d0))
+
+
+def pass_rows(rows: Rows, dev: torch.device, dt: torch.dtype, pass_bytes: int | None) -> int:
+    """Rows of one pass: ``pass_bytes`` worth in ``dt``; on a GPU the whole database when it takes at
+    most half of the free device memory (it then stays on the device for the whole search)."""
+    row_bytes = rows.dim * torch.tensor([], dtype=dt).element_size()
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        if len(rows) * row_bytes <= free // 2:
+            return max(1, len(rows))
+    return max(1, min(len(rows), (pass_bytes or PASS_BYTES) // row_bytes))
+
+
+def load_rows(rows: Rows, r0: int, r1: int, dev: torch.device, dt: torch.dtype) -> torch.Tensor:
+    """Rows ``r0:r1`` as one (r1 - r0, D) tensor on ``dev`` in ``dt``, filled a read at a time."""
+    out = torch.empty((r1 - r0, rows.dim), dtype=dt, device=dev)
+    step = kernel.rows.READ_ROWS
+    for s in range(r0, r1, step):
+        e = min(r1, s + step)
+        out[s - r0 : e - r0] = torch.from_numpy(rows.block(s, e))
+    return out
+
+
+def _topk_rows(queries, database, k, dev, dt, score_fn, pass_bytes, progress, desc, opts):
+    """:func:`topk` with :class:`Rows` on either side: passes over the queries and the database.
+
+    Every pass is an exact search of the queries against a slice of the database; the passes' results
+    are merged by :func:`select_topk` on (score, global position), so the answer, ties included, is that
+    of one search over the whole database. A database that fits one pass is read once.
+    """
+    n_db = len(database)
+    kk = min(k, n_db)
+    if not isinstance(database, Rows):
+        database = to_device(database, dev, dt)
+    elif pass_rows(database, dev, dt, pass_bytes) >= n_db:
+        database = load_rows(database, 0, n_db, dev, dt)
+    q_step = pass_rows(queries, dev, dt, pass_bytes) if isinstance(queries, Rows) else max(1, len(queries))
+    n_q = len(queries)
+    out_v = np.empty((n_q, kk), dtype=np.float32)
+    out_i = np.empty((n_q, kk), dtype=np.int64)
+    d_step = pass_rows(database, dev, dt, pass_bytes) if isinstance(database, Rows) else max(1, n_db)
+    bar = tqdm(total=math.ceil(n_q / q_step) * math.ceil(n_db / d_step), desc=desc, unit="pass",
+               disable=not progress, leave=False)
+    try:
+        for q0 in range(0, n_q, q_step):
+            q1 = min(n_q, q0 + q_step)
+            q = queries.block(q0, q1) if isinstance(queries, Rows) else queries[q0:q1]
+            out_v[q0:q1], out_i[q0:q1] = _topk_db_passes(q, database, kk, dev, dt, _shifted(score_fn, q0, 0),
+                                                         d_step, opts, bar)
+    finally:
+        bar.close()
+    return out_v, out_i
+
+
+def _topk_db_passes(q, database, k, dev, dt, score_fn, step, opts, bar):
+    """Exact top-``k`` of ``q`` over a database that is a tensor (one search) or :class:`Rows` (passes
+    of ``step`` rows)."""
+    if not isinstance(database, Rows):
+        bar.update(1)
+        return topk(q, database, k, device=dev, dtype=dt, score_fn=score_fn, **opts)
+    best = None
+    for d0 in range(0, len(database), step):
+        d1 = min(len(database), d0 + step)
+        db = load_rows(database, d0, d1, dev, dt)
+        v, i = topk(q, db, k, device=dev, dtype=dt, score_fn=_shifted(score_fn, 0, d0), **opts)
+        del db
+        v, i = torch.from_numpy(v), torch.from_numpy(i) + d0
+        best = (v, i) if best is None else select_topk(torch.cat([best[0], v], 1), torch.cat([best[1], i], 1), k)
+        bar.update(1)
+    return best[0].numpy(), best[1].numpy()
 
 
 def _search_blocks(q_all, product, score_fn, kk, qc, dc, dev, dt, out_v, out_i, bar, threads) -> None:

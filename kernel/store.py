@@ -69,6 +69,46 @@ def save_split(store: str | Path, model: str, split: str, ids, embeddings: np.nd
     return path
 
 
+def _write_npy_member(zf, name: str, shape: tuple[int, ...], dtype, chunks) -> None:
+    """Write ``name`` (a .npy) into an open ZipFile, uncompressed, its data taken from ``chunks`` (arrays
+    of ``dtype`` whose rows, in order, make up ``shape``) without holding the whole array."""
+    import zipfile
+
+    dtype = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+    rows = 0
+    with zf.open(name, "w", force_zip64=True) as fh:
+        np.lib.format.write_array_header_2_0(fh, header)
+        for c in chunks:
+            c = np.ascontiguousarray(c, dtype=dtype)
+            fh.write(c.tobytes())
+            rows += len(c)
+    if rows != (shape[0] if shape else 1):
+        raise ValueError(f"{name}: {rows} rows written, {shape[0]} declared")
+    assert zf.getinfo(name).compress_type == zipfile.ZIP_STORED
+
+
+def save_npz_streamed(path: Path, ids, dim: int, dtype, blocks, **extra: np.ndarray) -> Path:
+    """Atomically write a descriptor ``.npz`` (``ids`` + ``embeddings`` (len(ids) x dim) in ``dtype``) whose
+    embeddings come from ``blocks`` (an iterable of row blocks, in order), never all in memory; ``extra``
+    arrays (small, per row) are stored beside them. The file is what :func:`numpy.savez` writes, so it
+    streams back with :class:`kernel.rows.SplitRows`."""
+    import zipfile
+
+    ids = np.asarray([str(i) for i in ids], dtype=str)
+
+    def write(fh):
+        with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            _write_npy_member(zf, "ids.npy", ids.shape, ids.dtype, [ids])
+            _write_npy_member(zf, "embeddings.npy", (len(ids), dim), dtype, blocks)
+            for key, arr in extra.items():
+                arr = np.asarray(arr)
+                _write_npy_member(zf, f"{key}.npy", arr.shape, arr.dtype, [arr] if arr.ndim else [arr.reshape(1)])
+
+    atomic_write(Path(path), write)
+    return Path(path)
+
+
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:

@@ -122,6 +122,10 @@ def store(tmp_path_factory, tiny_weights, competition):
     kw = dict(device="cpu", progress=False, workers=0)
     extract(entries, weights, kaggle_split(competition.recognition, "train"), "train", out, **kw)
     extract(entries[:2], weights, kaggle_split(competition.retrieval, "index"), "index", out, **kw)
+    from kernel.cli import main as kernel_main  # the test-independent work, prepared offline
+
+    assert kernel_main(["prepare", "--store", str(out), "--train-labels", str(competition.recognition / "train.csv"),
+                        "--no-progress"]) == 0
     return out
 
 
@@ -160,8 +164,11 @@ def test_dataset_layout_and_metadata(built, store):
         m = json.loads((dataset / "store" / e["name"] / "meta.json").read_text())
         src = json.loads((store / e["name"] / "meta.json").read_text())
         assert m["sha256"] == e["sha256"] and m["computed_with_sha256"] == src["sha256"] != e["sha256"]
-    assert sorted((r["model"], r["split"]) for r in report["stores"]) == sorted(
+    assert sorted((r["model"], r["split"]) for r in report["stores"] if r["split"] != "prepared") == sorted(
         [(m, "train") for m in MODELS] + [(m, "index") for m in MODELS[:2]])
+    # the prepared artefacts travel with the store: recognition family descriptors, index labels of two models
+    shipped = sorted(p.name for p in (dataset / "store" / "prepared").iterdir())
+    assert shipped == sorted(["recognition_train.npz"] + [f"retrieval_{m}.npz" for m in MODELS[:2]])
     assert (dataset / "store" / MODELS[0] / "index.npz").is_file()
     assert not (dataset / "store" / MODELS[2] / "index.npz").exists()
     # notebooks: one per competition, GPU on, internet off, both sources
@@ -216,6 +223,9 @@ def test_retrieval_notebook_runs_offline(built, competition, tmp_path):
     log = res.stdout + res.stderr
     assert res.returncode == 0, f"notebook failed ({res.offline}):\n{log[-6000:]}"
     assert "timm 1.0.31: already installed" in log  # the image has the pinned version: nothing installed
+    for m in MODELS[:2]:  # shipped index labels used as they are (the third model's are computed once)
+        assert any("using prepared" in line and line.endswith(f"/store/prepared/retrieval_{m}.npz")
+                   for line in log.splitlines()), m
     rows = read_csv(root / "working" / "submission.csv")
     assert rows[0] == ["id", "images"]
     index_ids = {p.stem for p in (competition.retrieval / "index").rglob("*.jpg")}

@@ -118,3 +118,32 @@ def test_bad_competition_folder_is_one_clear_message(tmp_path, tiny_weights):
                         str(tmp_path / "s.csv")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "nope" in r.stderr.strip().splitlines()[-1]
+
+
+def test_index_labels_computed_once_not_per_chunk(competition, tiny_weights, tmp_path, caplog):
+    """Retrieval in several chunks: each model's index k-NN labels are computed by the first
+    post-processing, kept in the working store's prepared/ and used by every later one."""
+    import logging
+
+    from kernel.data.sources import kaggle_split
+    from kernel.extract import extract
+    from kernel.models import load_manifest, select
+
+    weights, manifest = tiny_weights
+    entries = select(load_manifest(manifest), MODELS, "retrieval")
+    store = tmp_path / "store"
+    extract(entries, weights, kaggle_split(competition.recognition, "train"), "train", store, progress=False, workers=0)
+    out = tmp_path / "retrieval.csv"
+    with caplog.at_level(logging.INFO):
+        report = predict("retrieval", competition.retrieval, manifest, weights, out, store=store, models=MODELS,
+                         train_labels=competition.recognition / "train.csv", progress=False, workers=0,
+                         chunks=3, min_chunk=1, probe_images=2)
+    posts = report.submissions - 1  # post-processings (the first submission is the fallback)
+    assert posts >= 2
+    messages = [r.getMessage() for r in caplog.records]
+    names = [e["name"] for e in entries]
+    for n in names:
+        assert sum(m.endswith(f"prepared/retrieval_{n}.npz") and m.startswith("wrote prepared") for m in messages) == 1
+        assert sum(m.endswith(f"prepared/retrieval_{n}.npz") and m.startswith("using prepared") for m in messages) \
+            == posts - 1
+    assert not any("does not match" in m for m in messages)

@@ -38,6 +38,8 @@ from tqdm import tqdm
 
 import kernel
 from kernel import store as kstore
+from kernel.postprocess import prepared
+from kernel.rows import SplitRows, npz_member_layout
 from kernel.bundle import convert, notebook, report as kreport, wheels as kwheels
 from kernel.errors import KernelError
 
@@ -166,8 +168,10 @@ def check_store(store: Path, kind: str, plans: list[ModelPlan], warnings: list[s
                                       "is not finished (shards only): finish it or remove the folder")
                 continue
             dim = plan.entry.get("embedding_dim", 512)
-            ids, emb = kstore.load_split(store, name, split, dtype=np.float16, dim=dim)
-            shipped.append((name, split, kstore.split_path(store, name, split), len(ids), dim, meta))
+            rows = SplitRows(kstore.split_path(store, name, split), dim=dim)
+            for _ in rows.blocks(1 << 16):  # every row finite, read a block at a time (splits can be GBs)
+                pass
+            shipped.append((name, split, kstore.split_path(store, name, split), len(rows), dim, meta))
         others = sorted(p.name for p in folder.glob("*.npz") if p.stem not in splits)
         if others:
             warnings.append(f"{kind} {folder}: not shipped: {', '.join(others)} (only {', '.join(splits)})")
@@ -181,6 +185,7 @@ def check_stores(store, index_store, tracks: list[str], plans: list[ModelPlan], 
     for kind, folder in (("store", store), ("index-store", index_store)):
         if folder is not None:
             items[kind] = (Path(folder), check_store(Path(folder), kind, plans, warnings))
+            ship_prepared(Path(folder), Path(folder), warnings)
     stored = {(it[0], it[1]) for it in items.get("store", (None, []))[1]}
     if "retrieval" in tracks:
         lacking = [p.entry["name"] for p in plans
@@ -300,6 +305,28 @@ def ship_store(items: list[tuple], kind: str, dataset: Path, shipped_sha: dict, 
     failures = src_store / kstore.FAILURES_DIR
     if failures.is_dir() and metas:
         shutil.copytree(failures, dataset / kind / kstore.FAILURES_DIR, ignore=_IGNORE)
+    return rows + ship_prepared(src_store, dataset / kind, warnings=None)
+
+
+def ship_prepared(src_store: Path, dst_store: Path, warnings: list[str] | None) -> list[dict]:
+    """Copy the store's prepared artefacts (``python -m kernel prepare``); with ``warnings`` only check
+    what would be shipped. predict uses each one only where its fingerprint matches on Kaggle."""
+    src = prepared.prepared_dir(src_store)
+    found = sorted(p for p in src.glob("*.npz") if prepared.read_fingerprint(p) is not None) if src.is_dir() else []
+    if warnings is not None:
+        if not found:
+            warnings.append(f"{src_store}: no prepared artefacts (python -m kernel prepare): predict computes the "
+                            "index k-NN labels / B(t) on Kaggle, once per run")
+        return []
+    rows = []
+    for p in found:
+        dst = prepared.prepared_dir(dst_store) / p.name
+        copy_hashed(p, dst)
+        (ids,) = prepared.load_arrays(p, "ids")
+        with np.load(p, allow_pickle=False) as z:
+            layout = npz_member_layout(p, "embeddings.npy") if "embeddings" in z.files else None
+        rows.append({"path": dst.relative_to(dst_store.parent).as_posix(), "model": None, "split": "prepared",
+                     "rows": len(ids), "dim": layout[2][1] if layout else 0, "size": dst.stat().st_size})
     return rows
 
 

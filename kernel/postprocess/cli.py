@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 
 from kernel import search, submission
 from kernel.postprocess import pipeline
@@ -21,6 +22,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rerank", default="soft", choices=list(pipeline.RERANKS),
                         help="retrieval re-ranking (default: soft, the 2021 solution)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--memory-gb", type=float, default=10.0,
+                        help="memory budget of the process in GiB (default 10, the smallest Kaggle machine): "
+                             "sizes the passes over the streamed train / index descriptors")
+    parser.add_argument("--prepared", action="append", default=None, metavar="DIR",
+                        help="folder of prepared artefacts (python -m kernel prepare); default STORE/prepared; "
+                             "repeatable. Used only where their fingerprints match")
     parser.add_argument("--search-prefilter", default="auto", choices=list(search.PREFILTERS),
                         help="CPU k-NN: score in bfloat16, rescore the candidates in float32 (same exact result; "
                              "auto: where this CPU has fast bfloat16 products; off: float32 throughout)")
@@ -48,18 +55,22 @@ def run(args) -> int:
                       conf_divisor=args.conf_divisor)
         preds = pipeline.retrieval_from_store(
             args.store, args.train_labels, models=args.models, rerank=args.rerank, device=args.device,
-            progress=progress, **{k: v for k, v in params.items() if v is not None},
+            progress=progress, prepared_dirs=args.prepared, memory_gb=args.memory_gb,
+            **{k: v for k, v in params.items() if v is not None},
         )
     else:
         params = dict(knn_k=args.knn_k, bank_k_train=args.bank_k_train, bank_k_query=args.bank_k_query,
                       renormalize=False if args.no_renormalize else None)
         preds = pipeline.recognition_from_store(
             args.store, args.train_labels, models=args.models, device=args.device, progress=progress,
-            **{k: v for k, v in params.items() if v is not None},
+            prepared_dirs=args.prepared, memory_gb=args.memory_gb, **{k: v for k, v in params.items() if v is not None},
         )
     test_ids = list(preds)
     submission.write_submission(args.track, preds, test_ids, args.out)
     summary = submission.check_submission(args.track, args.out, test_ids=test_ids)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    (logger.warning if peak > args.memory_gb else logger.info)(
+        "peak resident memory %.2f GiB (budget %g GiB)", peak, args.memory_gb)
     print(f"wrote {args.out}: {summary['rows']} rows, {summary['predicted']} with a prediction, {summary['empty']} empty")
     print(json.dumps(summary, sort_keys=True))
     return 0

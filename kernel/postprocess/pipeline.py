@@ -19,14 +19,16 @@ import pandas as pd
 
 from kernel import search, store
 from kernel.errors import KernelError
+from kernel.postprocess import prepared
+from kernel.postprocess import reference as ref
 from kernel.postprocess import recognition as rec
 from kernel.postprocess import retrieval as ret
 from kernel.postprocess.knn import knn_labels
+from kernel.rows import EnsembleRows, SplitRows
 
 logger = logging.getLogger(__name__)
 
 RERANKS = ("soft", "two-stage", "none")
-FAMILY_ORDER = ("dolg", "hybrid", "effnet")
 
 RETRIEVAL_PARAMS = {
     "knn_k": ret.KNN_K,
@@ -45,7 +47,8 @@ RECOGNITION_PARAMS = {
 }
 
 
-def _params(defaults: dict, given: dict) -> dict:
+def resolve_params(defaults: dict, given: dict) -> dict:
+    """``given`` (None values ignored) over ``defaults``; unknown names are an error."""
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise KernelError(f"unknown post-processing parameter(s): {', '.join(unknown)} (known: {', '.join(defaults)})")
@@ -103,7 +106,8 @@ def select_models(store_dir, track: str, models=None) -> list[dict]:
 
 
 class ModelSplits:
-    """Lazy, validated access to one model's splits (all must have the same width)."""
+    """Validated access to one model's splits (all must have the same width): ``load`` reads a small
+    split (test) into memory, ``rows`` opens a database-side split to be read block by block."""
 
     def __init__(self, store_dir, meta: dict):
         self.store, self.meta, self.name = store_dir, meta, meta["name"]
@@ -116,6 +120,11 @@ class ModelSplits:
         ids, emb = store.load_split(self.store, self.name, split, dtype=np.float32, dim=self.dim)
         self.dim = emb.shape[1]
         return ids, emb
+
+    def rows(self, split: str) -> SplitRows:
+        r = SplitRows(self.path(split), dim=self.dim)
+        self.dim = r.dim
+        return r
 
     def path(self, split: str) -> Path:
         return store.split_path(self.store, self.name, split)
@@ -141,33 +150,6 @@ def store_test_ids(store_dir, metas: list[dict]) -> list[str]:
     return sorted(ids)
 
 
-def _align(ids: np.ndarray, emb: np.ndarray, ref: np.ndarray, path: Path, ref_path: Path) -> np.ndarray:
-    """Rows of ``emb`` in the order of ``ref``; the id sets must be equal."""
-    if len(ids) == len(ref) and np.array_equal(ids, ref):
-        return emb
-    pos = pd.Index(ids).get_indexer(ref)
-    if len(ids) != len(ref) or (pos < 0).any():
-        extra = np.setdiff1d(ids, ref)
-        missing = np.setdiff1d(ref, ids)
-        first = f"e.g. {missing[0]} missing" if len(missing) else f"e.g. {extra[0]} extra"
-        raise KernelError(
-            f"{path}: ids do not match {ref_path} ({len(missing)} missing, {len(extra)} extra; {first})"
-        )
-    return emb[pos]
-
-
-def _train_codes(ids: np.ndarray, labels: pd.Series, path: Path, codes_of: dict) -> np.ndarray:
-    """Integer landmark codes of train ids (codes shared across models through ``codes_of``)."""
-    lab = labels.reindex(ids)
-    if lab.isna().any():
-        missing = ids[lab.isna().to_numpy()]
-        raise KernelError(f"{path}: {len(missing)} train ids have no landmark_id in the train labels (first: {missing[0]})")
-    out = np.empty(len(ids), np.int64)
-    for j, v in enumerate(lab.to_numpy()):
-        out[j] = codes_of.setdefault(v, len(codes_of))
-    return out
-
-
 def _query_rows(test_ids: list[str], ids: np.ndarray) -> np.ndarray:
     """Positions of a model's test ids among all test ids."""
     return pd.Index(test_ids).get_indexer(ids)
@@ -182,6 +164,9 @@ def retrieval_from_store(
     rerank: str = "soft",
     device=None,
     progress: bool = True,
+    prepared_dirs=None,
+    cache_dir=None,
+    memory_gb: float | None = None,
     **params,
 ) -> dict[str, list[str]]:
     """Retrieval answers for every test id of the store: query id -> up to ``n_results`` index ids.
@@ -189,11 +174,14 @@ def retrieval_from_store(
     ``rerank``: ``soft`` (2021, default), ``two-stage`` (2019) or ``none`` (ensemble cosine). ``params``:
     ``knn_k`` (3), ``down_weight`` (0.1), ``soft_keep`` (750), ``n_results`` (100),
     ``insert_threshold`` (0.6), ``conf_divisor`` (None = ``knn_k``). Splits used: ``test``, ``index``,
-    ``train`` of every model.
+    ``train`` of every model; ``index`` and ``train`` are streamed from disk (``memory_gb`` sizes the
+    passes, :func:`kernel.postprocess.reference.pass_bytes`). The index images' k-NN labels come from a prepared artefact of
+    ``prepared_dirs`` (default ``STORE/prepared``) when its fingerprint matches, else are computed (and
+    saved in ``cache_dir`` when given).
     """
     if rerank not in RERANKS:
         raise KernelError(f"unknown re-ranking '{rerank}' (choose from {', '.join(RERANKS)})")
-    p = _params(RETRIEVAL_PARAMS, params)
+    p = resolve_params(RETRIEVAL_PARAMS, params)
     dev = search.resolve_device(device)
     metas = select_models(store_dir, "retrieval", models)
     labels = read_train_labels(train_labels) if rerank != "none" else None
@@ -204,36 +192,37 @@ def retrieval_from_store(
         "retrieval (%s re-ranking) with %d model(s) on %s: %d test ids",
         rerank, len(metas), dev, len(test_ids),
     )
+    ctx = dict(reuse=ref.Reuse.of(store_dir, prepared_dirs, cache_dir), labels=labels,
+               labels_fp=prepared.labels_digest(labels) if labels is not None else None,
+               kw=dict(device=dev, progress=progress, pass_bytes=ref.pass_bytes(memory_gb)))
     if rerank == "soft":
-        index_ids, ranked = _soft(splits, labels, test_ids, p, dev, progress)
+        index_ids, ranked = _soft(splits, test_ids, p, ctx)
     else:
-        index_ids, ranked = _concatenated(splits, labels, test_ids, rerank, p, dev, progress)
+        index_ids, ranked = _concatenated(splits, test_ids, rerank, p, ctx)
     return {q: [str(index_ids[j]) for j in rows] for q, rows in zip(test_ids, ranked)}
 
 
-def _soft(splits, labels, test_ids, p, dev, progress):
+def _soft(splits, test_ids, p, ctx):
     """2021 soft up/down re-ranking, model by model, then the summed ensemble."""
     index_pos: dict[str, int] = {}  # global index rows: first model's order, new ids appended
     per_model = []
     codes_of: dict = {}
-    n_q = len(test_ids)
+    n_q, kw = len(test_ids), ctx["kw"]
     for ms in splits:
         q_ids, q = ms.load("test")
-        i_ids, idx = ms.load("index")
-        t_ids, train = ms.load("train")
-        t_codes = _train_codes(t_ids, labels, ms.path("train"), codes_of)
+        idx, train = ms.rows("index"), ms.rows("train")
+        t_codes = ref.train_codes(train.ids, ctx["labels"], ms.path("train"), codes_of)
         logger.info("%s: %d queries, %d index, %d train descriptors", ms.name, len(q), len(idx), len(train))
-        kw = dict(device=dev, progress=progress)
-        train = search.to_device(train, dev, search.compute_dtype(dev))  # moved once, searched twice
         q_lab, _ = knn_labels(q, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
                               desc=f"{ms.name} test labels", **kw)
-        i_lab, i_conf = knn_labels(idx, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
-                                   desc=f"{ms.name} index labels", **kw)
-        del train
+        i_lab, i_conf = ref.labels_artefact(
+            ctx["reuse"], f"retrieval_{ms.name}.npz", ref.knn_fingerprint("retrieval-index-labels", [ms], p, ctx["labels_fp"]), idx.ids,
+            codes_of, lambda: knn_labels(idx, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
+                                         desc=f"{ms.name} index labels", **kw))
         scores, rows = ret.soft_scores(
             q, idx, q_lab, i_lab, i_conf, keep=p["soft_keep"], down=p["down_weight"], desc=f"{ms.name} soft", **kw
         )
-        glob = np.asarray([index_pos.setdefault(str(i), len(index_pos)) for i in i_ids], dtype=np.int64)
+        glob = np.asarray([index_pos.setdefault(str(i), len(index_pos)) for i in idx.ids], dtype=np.int64)
         if ms is splits[0]:
             n_index_first = len(index_pos)
         full_s = np.zeros((n_q, scores.shape[1]), np.float32)
@@ -246,20 +235,9 @@ def _soft(splits, labels, test_ids, p, dev, progress):
             "the models' index splits hold different ids (%d in the first, %d in all): each model scores "
             "the ids it holds", n_index_first, len(index_pos),
         )
-    ranked = ret.sum_ensemble(per_model, len(index_pos), n_results=p["n_results"], progress=progress)
+    ranked = ret.sum_ensemble(per_model, len(index_pos), n_results=p["n_results"], progress=kw["progress"])
     index_ids = np.asarray(list(index_pos), dtype=object)
     return index_ids, ranked
-
-
-def _ensemble_side(splits, split: str, dtype, dev):
-    """Concatenated database-side descriptors of ``split`` (ids aligned to the first model)."""
-    ref_ids, ref_path, arrays = None, None, []
-    for ms in splits:
-        ids, emb = ms.load(split)
-        if ref_ids is None:
-            ref_ids, ref_path = ids, ms.path(split)
-        arrays.append(_align(ids, emb, ref_ids, ms.path(split), ref_path))
-    return ref_ids, ret.ensemble_descriptors(arrays, dtype=dtype, device=dev)
 
 
 def _ensemble_queries(splits, test_ids, dtype, dev):
@@ -277,37 +255,33 @@ def _ensemble_queries(splits, test_ids, dtype, dev):
     return have, ret.ensemble_descriptors(arrays, present, dtype=dtype, device=dev)
 
 
-def _concatenated(splits, labels, test_ids, rerank, p, dev, progress):
+def _concatenated(splits, test_ids, rerank, p, ctx):
     """Ensemble cosine ranking (``none``) and the 2019 two-stage re-ranking on concatenated descriptors."""
-    dt = search.compute_dtype(dev)
-    have, q = _ensemble_queries(splits, test_ids, dt, dev)
-    index_ids, idx = _ensemble_side(splits, "index", dt, dev)
-    kw = dict(device=dev, progress=progress)
-    k0 = p["n_results"]
-    _, initial = search.topk(q, idx, k0, desc="ensemble cosine", **kw)
+    kw = ctx["kw"]
+    dev = kw["device"]
+    have, q = _ensemble_queries(splits, test_ids, search.compute_dtype(dev), dev)
+    idx = EnsembleRows(ref.aligned_rows(splits, "index"))
+    _, initial = search.topk(q, idx, p["n_results"], desc="ensemble cosine", **kw)
     if rerank == "two-stage":
-        t_ids, train = _ensemble_side(splits, "train", dt, dev)
-        t_codes = _train_codes(t_ids, labels, splits[0].path("train"), {})
+        train = EnsembleRows(ref.aligned_rows(splits, "train"))
+        codes_of: dict = {}
+        t_codes = ref.train_codes(train.ids, ctx["labels"], splits[0].path("train"), codes_of)
         q_lab, q_conf = knn_labels(q, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
                                    desc="test labels", **kw)
-        i_lab, i_conf = knn_labels(idx, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
-                                   desc="index labels", **kw)
-        del train
+        i_lab, i_conf = ref.labels_artefact(
+            ctx["reuse"], "two_stage.npz", ref.knn_fingerprint("two-stage-index-labels", splits, p, ctx["labels_fp"]), idx.ids, codes_of,
+            lambda: knn_labels(idx, train, t_codes, k=p["knn_k"], divisor=p["conf_divisor"],
+                               desc="index labels", **kw))
         ranked = ret.two_stage(
             initial, None, q_lab, q_conf, i_lab, i_conf, n_results=p["n_results"], threshold=p["insert_threshold"]
         )
     else:
         ranked = list(initial)
     ranked = [r if h else r[:0] for r, h in zip(ranked, have)]
-    return index_ids, ranked
+    return idx.ids, ranked
 
 
 # ---------------------------------------------------------------- recognition
-
-def _family_order(families: dict) -> list[str]:
-    known = [f for f in FAMILY_ORDER if f in families]
-    return known + sorted(f for f in families if f not in FAMILY_ORDER)
-
 
 def recognition_from_store(
     store_dir,
@@ -315,24 +289,29 @@ def recognition_from_store(
     models=None,
     device=None,
     progress: bool = True,
+    prepared_dirs=None,
+    cache_dir=None,
+    memory_gb: float | None = None,
     **params,
 ) -> dict[str, tuple[str, float] | None]:
     """Recognition answers for every test id of the store: id -> (landmark_id, confidence) or ``None``.
 
     Family-averaged descriptors of ``test``, ``train`` and, when every model has it, ``nonlandmark``
     (the non-landmark bank); without a bank it is plain k-NN voting. ``params``: ``knn_k`` (3),
-    ``bank_k_train`` (5), ``bank_k_query`` (10), ``clip`` ((0, 1)), ``renormalize`` (True).
+    ``bank_k_train`` (5), ``bank_k_query`` (10), ``clip`` ((0, 1)), ``renormalize`` (True). The train and
+    bank family descriptors are computed block by block from the models' splits (never all in memory)
+    or read from prepared artefacts, as is B(t) (see :func:`retrieval_from_store` for ``prepared_dirs``,
+    ``cache_dir``, ``memory_gb``).
     """
-    p = _params(RECOGNITION_PARAMS, params)
+    p = resolve_params(RECOGNITION_PARAMS, params)
     dev = search.resolve_device(device)
-    dt = search.compute_dtype(dev)
     metas = select_models(store_dir, "recognition", models)
     labels = read_train_labels(train_labels)
     test_ids = store_test_ids(store_dir, metas)
     families: dict[str, list[ModelSplits]] = {}
     for meta in metas:
         families.setdefault(str(meta["family"]), []).append(ModelSplits(store_dir, meta))
-    order = _family_order(families)
+    order = ref.family_order(families)
     groups = [families[f] for f in order]
     require_splits([ms for g in groups for ms in g], ("test", "train"))
     logger.info(
@@ -344,8 +323,24 @@ def recognition_from_store(
     if any(with_bank) and not all(with_bank):
         lacking = next(ms for g in groups for ms in g if not ms.has("nonlandmark"))
         raise KernelError(f"{lacking.path('nonlandmark')}: missing split 'nonlandmark' (other models have one)")
+    kw = dict(device=dev, progress=progress, pass_bytes=ref.pass_bytes(memory_gb))
+    have, test = _family_queries(groups, test_ids, p["renormalize"], dev)
+    train, bank, bias = ref.recognition_reference(groups, all(with_bank), p, ref.Reuse.of(store_dir, prepared_dirs, cache_dir), kw)
+    codes_of: dict = {}
+    t_codes = ref.train_codes(train.ids, labels, groups[0][0].path("train"), codes_of)
+    codes, conf = rec.recognize(
+        test, train, t_codes, bank, k=p["knn_k"], bank_k_train=p["bank_k_train"], bank_k_query=p["bank_k_query"],
+        clip=tuple(p["clip"]), train_bias=bias, **kw,
+    )
+    landmark_of = ref.landmarks_of(np.arange(len(codes_of)), codes_of)
+    out: dict[str, tuple[str, float] | None] = {}
+    for j, q in enumerate(test_ids):
+        out[q] = (str(landmark_of[codes[j]]), float(conf[j])) if have[j] and codes[j] >= 0 else None
+    return out
 
-    # test side: per model, its rows among all test ids
+
+def _family_queries(groups, test_ids, normalize: bool, dev):
+    """Family descriptors of the test images (in memory: the test set is small) + who has one."""
     arrays, present = [], []
     for g in groups:
         arrays.append([])
@@ -357,47 +352,9 @@ def recognition_from_store(
             mask[rows] = True
             arrays[-1].append(emb[np.argsort(rows)])
             present[-1].append(mask)
-    _check_family_dims(groups, arrays)
+    ref.check_family_dims(groups, [[a.shape[1] for a in fam] for fam in arrays])
     have = np.any([m for fam in present for m in fam], axis=0)
-    test = rec.family_descriptors(arrays, present, n=len(test_ids), dtype=dt, device=dev,
-                                  normalize=p["renormalize"])
-    del arrays
-    t_ids, train = _family_side(groups, "train", dt, dev, p["renormalize"])
-    codes_of: dict = {}
-    t_codes = _train_codes(t_ids, labels, groups[0][0].path("train"), codes_of)
-    bank = _family_side(groups, "nonlandmark", dt, dev, p["renormalize"])[1] if all(with_bank) else None
-    codes, conf = rec.recognize(
-        test, train, t_codes, bank, k=p["knn_k"], bank_k_train=p["bank_k_train"],
-        bank_k_query=p["bank_k_query"], clip=tuple(p["clip"]), progress=progress, device=dev,
-    )
-    landmark_of = np.empty(len(codes_of), dtype=object)
-    for v, c in codes_of.items():
-        landmark_of[c] = v
-    out: dict[str, tuple[str, float] | None] = {}
-    for j, q in enumerate(test_ids):
-        out[q] = (str(landmark_of[codes[j]]), float(conf[j])) if have[j] and codes[j] >= 0 else None
-    return out
+    test = rec.family_descriptors(arrays, present, n=len(test_ids), dtype=search.compute_dtype(dev), device=dev,
+                                  normalize=normalize)
+    return have, test
 
-
-def _check_family_dims(groups, arrays) -> None:
-    for g, fam in zip(groups, arrays):
-        dims = {ms.name: a.shape[1] for ms, a in zip(g, fam)}
-        if len(set(dims.values())) > 1:
-            raise KernelError(
-                f"models of family '{g[0].meta['family']}' have different descriptor widths: "
-                + ", ".join(f"{k} {v}-d" for k, v in dims.items())
-            )
-
-
-def _family_side(groups, split: str, dt, dev, normalize: bool = True):
-    """Family descriptors of a database-side split (every model must hold the same ids)."""
-    ref_ids, ref_path, arrays = None, None, []
-    for g in groups:
-        arrays.append([])
-        for ms in g:
-            ids, emb = ms.load(split)
-            if ref_ids is None:
-                ref_ids, ref_path = ids, ms.path(split)
-            arrays[-1].append(_align(ids, emb, ref_ids, ms.path(split), ref_path))
-    _check_family_dims(groups, arrays)
-    return ref_ids, rec.family_descriptors(arrays, dtype=dt, device=dev, normalize=normalize)

@@ -116,6 +116,7 @@ def recognize(
     bank_k_query: int = BANK_K_QUERY,
     clip: tuple[float, float] = CLIP,
     progress: bool = False,
+    train_bias: np.ndarray | None = None,
     **search_kwargs,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Landmark code and confidence of every test row (Henkel & Singer 2020 post-processing).
@@ -123,6 +124,7 @@ def recognize(
     Args:
         test, train, bank: family descriptors (rows L2-normalised); ``bank`` may be ``None`` / empty.
         train_codes: integer landmark code of every train row.
+        train_bias: B(t) of every train row when already known (a prepared artefact); computed otherwise.
 
     Returns:
         ``(codes, confidences)``: int64 (``-1`` only when the train set is empty) and float32.
@@ -133,7 +135,8 @@ def recognize(
     have_bank = bank is not None and len(bank) > 0
     if have_bank:
         logger.info("non-landmark bank: %d images; B(t) for %d train images", len(bank), len(train))
-        train_bias = bank_similarity(train, bank, bank_k_train, progress=progress, desc="B(train)", **search_kwargs)
+        if train_bias is None:
+            train_bias = bank_similarity(train, bank, bank_k_train, progress=progress, desc="B(train)", **search_kwargs)
         query_bias = bank_similarity(test, bank, bank_k_query, progress=progress, desc="C(test)", **search_kwargs)
     else:
         logger.info("no non-landmark bank: plain k-NN voting")
