@@ -141,18 +141,6 @@ def test_a_failed_worker_leaves_its_share_to_the_final_pass(entries, tiny_weight
     assert _store_files(tmp_path / "s") == _store_files(reference)
 
 
-def _processes_with(marker: str) -> list[int]:
-    """Pids of the processes whose environment holds ``marker`` (the run, its fork server, its workers)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and marker.encode() in (d / "environ").read_bytes():
-                pids.append(int(d.name))
-        except OSError:
-            continue
-    return pids
-
-
 def _extract_cmd(tiny_weights, images, store, models) -> list[str]:
     weights, manifest = tiny_weights
     return [sys.executable, "-m", "kernel", "extract", "--manifest", str(manifest), "--weights", str(weights),
