@@ -1,11 +1,13 @@
 """Extraction on every visible GPU: one worker process per device, each on its share of the images.
 
-:func:`kernel.extract.extract` calls :func:`extract_parallel` when it has more than one device (see
-:func:`extract_devices`) and enough images to share. The run is exactly the offline ``--shard i/n`` recipe done
-inside one call:
+:func:`kernel.extract.extract` hands over to :func:`run_workers` when it has more than one device (see
+:func:`extract_devices`) and enough images to share (:func:`worth_sharing`). The run is exactly the offline
+``--shard i/n`` recipe done inside one call:
 
 - the parent checks the store and the models (``meta.json``, ``--overwrite``) first, then starts one process
-  per device, forked from a fork server that never touches CUDA (spawned where there is none); worker ``i`` extracts the ``i``-th of ``n`` interleaved shares
+  per device, forked from a fork server that imports torch once and never touches CUDA (spawned where there is
+  no fork server; the server keeps the environment of its start, so set ``CUDA_VISIBLE_DEVICES`` before the
+  first extraction); worker ``i`` extracts the ``i``-th of ``n`` interleaved shares
   of the images that still need a descriptor, on its device, writing atomic shards in its own part-number
   range and its failures to ``failures/<split>.shard-i-of-n.csv`` (the same files ``--shard i/n`` writes);
 - every worker gets the same absolute deadline (``time.monotonic()`` is one clock for every process of the
@@ -42,7 +44,7 @@ JOIN_SECONDS = 120.0  # how long the parent waits for stopped workers to flush b
 
 
 def extract_devices(device=None) -> list[torch.device]:
-    """The devices an extraction with ``device`` uses (``predict`` divides its per-image projection by their number).
+    """The devices an extraction with ``device`` uses (``predict`` divides its projection by their number).
 
     ``None``/"auto": ``$KERNEL_EXTRACT_DEVICES`` when set, else every visible GPU (``CUDA_VISIBLE_DEVICES``
     narrows them), else the CPU. ``"cuda"``: every visible GPU. ``"cuda:N"`` or ``"cpu"``: that one device.
@@ -53,6 +55,8 @@ def extract_devices(device=None) -> list[torch.device]:
         forced = os.environ.get(ENV_DEVICES, "").strip()
         if forced:
             names = [d.strip() for d in forced.split(",") if d.strip()]
+            if not names:
+                raise KernelError(f"${ENV_DEVICES}={forced!r}: name devices, e.g. cuda:0,cuda:1 or cpu,cpu")
             try:
                 return [resolve_device(d) for d in names]
             except KernelError as exc:

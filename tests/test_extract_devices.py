@@ -75,9 +75,10 @@ def test_devices_of_each_setting(monkeypatch):
     monkeypatch.setenv(md.ENV_DEVICES, "cpu, cpu")
     assert md.extract_devices(None) == [torch.device("cpu")] * 2
     assert md.extract_devices("cpu") == [torch.device("cpu")]  # an explicit --device wins
-    monkeypatch.setenv(md.ENV_DEVICES, "cpu,gpu7")
-    with pytest.raises(KernelError, match=md.ENV_DEVICES):
-        md.extract_devices(None)
+    for bad in ("cpu,gpu7", ","):
+        monkeypatch.setenv(md.ENV_DEVICES, bad)
+        with pytest.raises(KernelError, match=md.ENV_DEVICES):
+            md.extract_devices(None)
     # too few images to be worth two processes: one device does it
     assert not md.worth_sharing([torch.device("cpu")] * 2, 15, 2) and md.worth_sharing([torch.device("cpu")] * 2, 16, 2)
     assert not md.worth_sharing([torch.device("cpu")], 1000, 2)

@@ -75,7 +75,8 @@ info = {"torch": torch.__version__, "cuda_build": torch.version.cuda, "cuda_avai
         "archs": torch.cuda.get_arch_list() if torch.cuda.is_available() else [], "gpus": []}
 for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
     p = torch.cuda.get_device_properties(i)
-    gpu = {"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gb": round(p.total_memory / 2**30, 1)}
+    gpu = {"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
+           "memory_gb": round(p.total_memory / 2**30, 1)}
     try:  # a real operation: "no kernel image is available" shows here, not 11 hours later
         gpu["works"] = float((torch.ones(2, device=f"cuda:{i}") * 2).sum()) == 4.0
     except Exception as exc:
