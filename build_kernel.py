@@ -3,7 +3,7 @@
 
     python build_kernel.py --weights DIR [--manifest weights_manifest.json] --out build/ --user USER
         [--slug SLUG] [--track recognition|retrieval|both] [--store S] [--index-store S2]
-        [--train-labels CSV] [--headless] [--fp16]
+        [--train-labels CSV] [--headless] [--fp16] [--accelerator t4x2|p100|cpu]
 
 Writes ``build/dataset/`` (upload with ``kaggle datasets create -p build/dataset --dir-mode zip``),
 ``build/notebook/`` (``kaggle kernels push -p build/notebook``) and ``build/report.txt``. Everything is

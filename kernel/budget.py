@@ -1,14 +1,35 @@
-"""The 12-hour budget: FLOP counts, a documented P100 time model, and the plan of which models fit.
+"""The 12-hour budget: FLOP counts, a documented time model of each Kaggle accelerator, and the plan of which
+models fit.
 
-P100 model (SPEC §5): 18.7 TFLOPS fp16, 9.3 TFLOPS fp32, 732 GB/s, no tensor cores. A model's projected
-time per image is ``GFLOP / (peak TFLOPS x efficiency)`` milliseconds, where GFLOP is torch's flop counter on
-the whole descriptor model (2 FLOPs per multiply-add) and ``efficiency`` is the fraction of peak that network
-family reaches. The defaults below are our stated assumptions, not measurements: EfficientNets are dominated
-by depthwise convolutions and SE blocks that are memory-bound (about a fifth of peak), the Swin part of the
-hybrids is matmul-heavy (about a third). With these, the eight-model recognition ensemble projects to a few
-images per second, as SPEC §6 expects. Calibration: a profile run on a real GPU reports the efficiency it
-measured (FLOPs / (measured time x that GPU's non-tensor-core fp16 peak)); pass those numbers with
-``--efficiency family=value`` to replace the assumptions, and record them in BENCHMARKS.md.
+The cards (:data:`TARGETS`; peaks from NVIDIA's datasheets, Kaggle's names from its CLI):
+
+- ``t4x2``, what Kaggle gives today (``machine_shape`` ``NvidiaTeslaT4``, "GPU T4 x2"): two NVIDIA T4, each
+  sm_75, 16 GB GDDR6 at 320 GB/s, 8.1 TFLOPS fp32 and 65 TFLOPS fp16 on its tensor cores (NVIDIA T4 datasheet).
+- ``p100``, the 2021 design target (``NvidiaTeslaP100``, retired on Kaggle: ``kaggle`` 2.2.5 runs it on a T4):
+  one NVIDIA Tesla P100 PCIe, sm_60, 16 GB HBM2 at 732 GB/s, 9.3 TFLOPS fp32, 18.7 TFLOPS fp16, no tensor cores
+  (NVIDIA Tesla P100 datasheet, PCIe 16 GB).
+
+A model's projected time per image on one card is ``GFLOP / (card fp16 peak x efficiency)`` milliseconds, where
+GFLOP is torch's flop counter on the whole descriptor model (2 FLOPs per multiply-add) and ``efficiency`` is the
+fraction of that peak the network family reaches. A card with ``devices`` = n shares the images between its n
+devices (``extract`` runs one worker process per GPU), so a run takes ``images x ms / n``.
+
+Efficiencies are our stated assumptions, not measurements:
+
+- P100 (:data:`DEFAULT_EFFICIENCY`): EfficientNets are dominated by depthwise convolutions and SE blocks that
+  are memory-bound (about a fifth of peak), the Swin part of the hybrids is matmul-heavy (about a third). With
+  these the eight-model recognition ensemble projects to a few images per second, as SPEC §6 expects.
+- Any other card (the T4): *the bandwidth rule*: the throughput a family reaches on the P100 (TFLOPS achieved),
+  scaled by the card's memory bandwidth over the P100's, as a fraction of the card's own peak:
+  ``eff_card = eff_p100 x (18.7 / peak_card) x (bandwidth_card / 732)``. On a T4 that is 0.025 of 65 TFLOPS for
+  the EfficientNets: 2.3x slower than a P100 per card, 1.14x slower for two. It is pessimistic for the hybrids,
+  whose Swin matmuls run on the T4's tensor cores; the pessimistic side is the safe one for a 12-hour limit.
+
+Calibration: a profile run on a real GPU reports the efficiency it measured (FLOPs / (measured time x that
+GPU's fp16 peak in :data:`GPU_FP16_TFLOPS`)). Pass it back with ``--efficiency family=value`` (the P100 basis,
+which the derived cards follow) or ``--efficiency t4x2:family=value`` (that card only), and record it in
+BENCHMARKS.md. A measurement on another GPU (an H100) does not carry over to a T4: both the peak and the
+bandwidth ratio differ by several times, and depthwise convolutions do not scale with either alone.
 
 The planner keeps models in ``priority`` order (1 = most valuable) and drops from the highest number down
 until the projected run fits the deadline minus a reserve for loading and post-processing.
@@ -20,12 +41,32 @@ from dataclasses import dataclass, field
 
 import torch
 
-P100 = {"name": "NVIDIA Tesla P100 16GB (Kaggle)", "fp16_tflops": 18.7, "fp32_tflops": 9.3, "mem_gbs": 732.0}
+P100 = {"key": "p100", "name": "NVIDIA Tesla P100 16GB PCIe (Kaggle, retired: runs on the T4 x2)",
+        "machine_shape": "NvidiaTeslaP100", "devices": 1, "fp16_tflops": 18.7, "fp32_tflops": 9.3,
+        "mem_gbs": 732.0, "memory_gb": 16, "compute_capability": "6.0", "tensor_cores": False,
+        "source": "NVIDIA Tesla P100 datasheet (PCIe 16 GB); SPEC §5"}
+T4X2 = {"key": "t4x2", "name": "2x NVIDIA T4 16GB (Kaggle 'GPU T4 x2')", "machine_shape": "NvidiaTeslaT4",
+        "devices": 2, "fp16_tflops": 65.0, "fp32_tflops": 8.1, "mem_gbs": 320.0, "memory_gb": 16,
+        "compute_capability": "7.5", "tensor_cores": True,
+        "source": "NVIDIA T4 datasheet (fp16 = mixed precision on tensor cores); kaggle CLI 2.2.5 help"}
+TARGETS = {"t4x2": T4X2, "p100": P100}  # the first is the default: what Kaggle gives today
 # fraction of the P100's fp16 peak each family reaches at inference (assumed; see module docstring)
 DEFAULT_EFFICIENCY = {"dolg": 0.20, "effnet": 0.20, "hybrid": 0.33}
-# non-tensor-core fp16 peaks of GPUs a profile may run on, to report the efficiency it measured
+# the fp16 peak a measured efficiency is a fraction of: non-tensor-core peaks, except the T4's, whose datasheet
+# figure (and the T4 efficiencies above) is its tensor-core peak
 GPU_FP16_TFLOPS = {"P100": 18.7, "T4": 65.0, "V100": 31.4, "A100": 78.0, "H100": 134.0, "H200": 134.0, "L4": 30.3}
-TARGETS = {"p100": P100}
+
+
+def target_efficiency(target: dict, efficiency: dict | None = None) -> dict:
+    """Each family's fraction of ``target``'s fp16 peak. ``efficiency``: ``{family: value}`` overrides the
+    P100 basis, ``{"t4x2:family": value}`` one card's own number."""
+    over = efficiency or {}
+    base = {**DEFAULT_EFFICIENCY, **{k: v for k, v in over.items() if ":" not in k}}
+    if target["key"] != "p100":  # the bandwidth rule
+        scale = P100["fp16_tflops"] / target["fp16_tflops"] * target["mem_gbs"] / P100["mem_gbs"]
+        base = {f: v * scale for f, v in base.items()}
+    own = {k.split(":", 1)[1]: v for k, v in over.items() if k.startswith(target["key"] + ":")}
+    return {**base, **own}
 
 
 def count_gflops(entry: dict) -> float:
@@ -44,10 +85,9 @@ def count_gflops(entry: dict) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def projected_ms(gflop: float, family: str, target: dict = P100, efficiency: dict | None = None) -> float:
-    """Projected milliseconds per image on ``target`` in fp16 at the family's efficiency."""
-    eff = {**DEFAULT_EFFICIENCY, **(efficiency or {})}[family]
-    return gflop / (target["fp16_tflops"] * eff)
+def projected_ms(gflop: float, family: str, target: dict = T4X2, efficiency: dict | None = None) -> float:
+    """Projected milliseconds per image on one device of ``target`` in fp16 at the family's efficiency."""
+    return gflop / (target["fp16_tflops"] * target_efficiency(target, efficiency)[family])
 
 
 def measured_efficiency(gflop: float, ms: float, device_name: str) -> float | None:

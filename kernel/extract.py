@@ -21,7 +21,10 @@ How the loop works (:func:`extract`):
   ``flush_images`` images or ``flush_seconds`` seconds, on a deadline, on Ctrl-C and on any error. A new run
   skips every id already in a shard or in ``<split>.npz``; when a model's split is complete the shards are
   consolidated into ``<split>.npz`` (in id order). A completed split is never recomputed.
-- Offline train/index extraction on many GPUs: ``shard=(i, n)`` (``--shard i/n``, or torchrun's
+- Every visible GPU is used: with more than one device (and at least a few batches each) the call runs one
+  worker process per device on an interleaved share of the images and merges their shards at the end, exactly
+  as the ``shard`` recipe below does (:mod:`kernel.multidevice`).
+- Offline train/index extraction on many machines: ``shard=(i, n)`` (``--shard i/n``, or torchrun's
   RANK/WORLD_SIZE) takes every n-th image, writes its shards in its own part-number range and failures to
   ``failures/<split>.shard-i-of-n.csv``, and never consolidates. Copy the ``.parts`` folders and failure files
   of all shards into one store and run once more without a shard: nothing is left to compute, the shards
@@ -78,14 +81,14 @@ class ExtractSummary:
     models: list  # model names, in the order given
     computed: dict = field(default_factory=dict)  # model -> descriptors computed in this call
     present: dict = field(default_factory=dict)  # model -> descriptors already in the store before
-    model_seconds: dict = field(default_factory=dict)  # model -> seconds in forward passes
+    model_seconds: dict = field(default_factory=dict)  # model -> seconds in forward passes (summed over devices)
     failures: dict = field(default_factory=dict)  # id -> reason, every known failure of these records
     new_failures: int = 0  # failures found in this call
     decode_wait: float = 0.0  # seconds the loop waited for decoded batches (decoding starved the device)
     seconds: float = 0.0
     complete: bool = False  # every model has every (decodable) record
     stopped: str = ""  # why the call ended early ("deadline", "max_batches"), empty when it ran to the end
-    device: str = ""
+    device: str = ""  # "cuda:0,cuda:1" when the call ran one worker process per device
     fp32_recomputed: dict = field(default_factory=dict)  # model -> items recomputed in fp32 (NaN guard)
 
     def images_per_s(self, model: str) -> float:
@@ -287,6 +290,15 @@ def _read_all_failures(store, split: str) -> dict[str, str]:
     return out
 
 
+def _drop_merged_failure_files(store, split: str) -> None:
+    """After a merge: remove ``failures/<split>.shard-i-of-n.csv`` whose every row is in ``<split>.csv``."""
+    merged = kstore.read_failures(store, split)
+    folder = kstore.failures_path(store, split).parent
+    for p in sorted(folder.glob(f"{split}.shard-*-of-*.csv")) if folder.is_dir() else []:
+        if kstore.read_failures(store, p.stem).items() <= merged.items():
+            p.unlink()
+
+
 def _next_part(store, model: str, split: str, offset: int) -> int:
     d = kstore.parts_dir(store, model, split)
     nums = [int(m.group(1)) for p in (d.glob("part-*.npz") if d.is_dir() else [])
@@ -385,6 +397,7 @@ class _Run:
     on_batch: object
     progress: bool
     t_start: float
+    should_stop: object = None  # callable: True stops the run like the deadline (a multi-device parent asks)
     total: int = 0  # images to handle over all groups
     done: int = 0  # images handled so far
     batches: int = 0
@@ -397,8 +410,11 @@ class _Run:
             kstore.write_failures(self.store, _failures_name(self.split, self.shard), rows)
             self.written = rows
 
-    def out_of_time(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
+    def stop_reason(self) -> str:
+        """"deadline" once it passed, "stopped" when ``should_stop()`` says so, else ""."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "deadline"
+        return "stopped" if self.should_stop is not None and self.should_stop() else ""
 
 
 def _run_group(run: _Run, group: list[dict], weights_dir, label: str) -> None:
@@ -481,8 +497,8 @@ def _run_group(run: _Run, group: list[dict], weights_dir, label: str) -> None:
             if run.max_batches is not None and run.batches >= run.max_batches:
                 summary.stopped = "max_batches"
                 break
-            if run.out_of_time():
-                summary.stopped = "deadline"
+            if reason := run.stop_reason():
+                summary.stopped = reason
                 break
     finally:
         # whatever ended the loop (the end, a deadline, Ctrl-C, an error): keep every finished descriptor
@@ -548,11 +564,14 @@ def extract(
     retry_failures: bool = False,
     overwrite: bool = False,
     max_batches: int | None = None,
+    should_stop=None,
+    worker_init=None,
 ) -> ExtractSummary:
     """Compute the descriptors of ``records`` (``[(id, path), ...]``, see :mod:`kernel.data.sources`) with
     every model of ``entries`` into ``STORE/<model>/<split>.npz``; resumes whatever an earlier call left.
 
-    ``device``: "cuda", "cuda:1", "cpu" or None (CUDA when available). ``batch_size``: images per decoded
+    ``device``: None or "cuda" (every visible GPU, one worker process each, see :mod:`kernel.multidevice`;
+    the CPU when there is none), "cuda:1" or "cpu" (that device only). ``batch_size``: images per decoded
     batch and each model's first batch size (an int, or ``{model: int}``; default 32 on CUDA, 8 on CPU).
     ``deadline``: a ``time.monotonic()`` value; once passed the call stops after the current batch, keeping
     everything computed (resumable). ``on_batch(Progress)`` is called after every batch. ``workers``: decode
@@ -562,7 +581,9 @@ def extract(
     ``dtype``: "float16" or "float32" for the stored descriptors. ``shard``: ``(i, n)``, process every n-th
     image only and leave consolidation to a final unsharded run. ``retry_failures``: decode images that
     failed in an earlier run again. ``overwrite``: discard what the store holds for these models and this
-    split. ``max_batches``: stop after that many batches (tests, dry runs).
+    split. ``max_batches``: stop after that many batches (tests, dry runs). ``should_stop``: a callable
+    polled after every batch; True stops the call like the deadline (``stopped`` "stopped").
+    ``worker_init``: a picklable function each worker process of a multi-device call runs first.
     """
     t_start = time.monotonic()
     if not entries:
@@ -576,11 +597,10 @@ def extract(
         from kernel.data.sources import shard as take_shard
 
         records = take_shard(records, *shard)
-    dev = resolve_device(device)
-    if workers is None:
-        from kernel.data.loader import default_workers
+    from kernel.multidevice import extract_devices, worth_sharing
 
-        workers = default_workers() if dev.type == "cuda" else max(1, default_workers() // 2)
+    devices = extract_devices(device)
+    dev = devices[0] if shard is None else resolve_device(device)  # a shard is one process on one device
     names = [e["name"] for e in entries]
     default = DEFAULT_BATCH["cuda" if dev.type == "cuda" else "cpu"]
     sizes = batch_size if isinstance(batch_size, dict) else {}
@@ -600,32 +620,53 @@ def extract(
         dup = next(i for i in record_ids if record_ids.count(i) > 1)
         raise KernelError(f"image id '{dup}' appears more than once in the records of split '{split}'")
     summary = ExtractSummary(split=split, images=len(records), models=names, device=str(dev))
-    known = {k: v for k, v in _read_all_failures(store, split).items() if k in id_set}
-    skip = set() if retry_failures else set(known)
-    todo = {}
+    done = {}
     for e in entries:
-        done = _prepare_model(store, e, weights_dir, split, dtype, overwrite)
-        summary.present[e["name"]] = len(done & id_set)
+        done[e["name"]] = _prepare_model(store, e, weights_dir, split, dtype, overwrite)
+        summary.present[e["name"]] = len(done[e["name"]] & id_set)
         summary.computed[e["name"]] = 0
         summary.model_seconds[e["name"]] = 0.0
-        todo[e["name"]] = np.array([i not in done and i not in skip for i in record_ids], dtype=bool)
+    # a failure row of an image every model has a descriptor of (decoded by a later retry) is stale
+    known = {k: v for k, v in _read_all_failures(store, split).items()
+             if k in id_set and not all(k in d for d in done.values())}
+    skip = set() if retry_failures else set(known)
+    todo = {n: np.array([i not in done[n] and i not in skip for i in record_ids], dtype=bool) for n in names}
+    pending = np.logical_or.reduce([todo[n] for n in names])
+    if shard is None and max_batches is None and not (deadline is not None and time.monotonic() >= deadline) \
+            and worth_sharing(devices, int(pending.sum()), max(per_model.values())):
+        return _extract_on_devices(
+            devices, (entries, weights_dir, [r for r, p in zip(records, pending) if p], split, store), records,
+            summary, dict(batch_size=batch_size, workers=workers, group_size=group_size, precision=precision,
+                          dtype=dtype, flush_images=flush_images, flush_seconds=flush_seconds, deadline=deadline),
+            retry_failures=retry_failures, on_batch=on_batch, progress=progress, should_stop=should_stop,
+            worker_init=worker_init, t_start=t_start)
+    if workers is None:
+        from kernel.data.loader import default_workers
+
+        workers = default_workers() if dev.type == "cuda" else max(1, default_workers() // 2)
     run = _Run(store=store, split=split, records=records, id_set=id_set, todo=todo, failures=dict(known),
                known=set(known), summary=summary, device=dev,
                precision=precision or ("fp16" if dev.type == "cuda" else "fp32"),
                dtype=np.dtype(dtype), per_model=per_model, workers=workers, flush_images=flush_images,
                flush_seconds=flush_seconds, shard=shard, deadline=deadline, max_batches=max_batches,
-               on_batch=on_batch, progress=progress, t_start=t_start,
+               on_batch=on_batch, progress=progress, t_start=t_start, should_stop=should_stop,
                written=kstore.read_failures(store, _failures_name(split, shard)))
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes per model: let cudnn pick its kernels
 
-    groups = plan_groups([e for e in entries if todo[e["name"]].any()], weights_dir, dev, group_size)
+    _run_groups(run, entries, weights_dir, group_size, progress)
+    return _finish(run, entries, shard)
+
+
+def _run_groups(run: _Run, entries: list[dict], weights_dir, group_size, progress: bool) -> None:
+    summary, todo = run.summary, run.todo
+    groups = plan_groups([e for e in entries if todo[e["name"]].any()], weights_dir, run.device, group_size)
     run.total = sum(int(np.logical_or.reduce([todo[e["name"]] for e in g]).sum()) for g in groups)
     for gi, group in enumerate(groups):
         if summary.stopped:
             break
-        if run.out_of_time():
-            summary.stopped = "deadline"
+        if reason := run.stop_reason():
+            summary.stopped = reason
             break
         if not np.logical_or.reduce([todo[e["name"]] for e in group]).any():
             continue  # everything left failed to decode in an earlier group
@@ -637,6 +678,11 @@ def extract(
         else:
             _run_group(run, group, weights_dir, f"{gi + 1}/{len(groups)}")
 
+
+def _finish(run: _Run, entries: list[dict], shard) -> ExtractSummary:
+    """Write the failures, tell whether the split is complete, and consolidate it when it is (no shard)."""
+    summary, todo, store, split = run.summary, run.todo, run.store, run.split
+    record_ids, names, dtype = [r[0] for r in run.records], summary.models, run.dtype
     run.write_failures()
     summary.failures = dict(run.failures)
     summary.complete = True
@@ -651,10 +697,45 @@ def extract(
         elif not kstore.has_split(store, name, split):  # every image failed: an empty, valid split
             dim = next(e for e in entries if e["name"] == name).get("embedding_dim", 512)
             kstore.save_split(store, name, split, [], np.zeros((0, dim), dtype=dtype))
+    if shard is None and summary.complete:
+        _drop_merged_failure_files(store, split)
     if shard is not None and summary.complete:
         log.info("shard %d/%d of %s done: copy every shard's <model>/%s.parts folders and failures/ files into "
                  "one store, then run extract once more without --shard to merge", shard[0], shard[1], split,
                  split)
+    summary.seconds = time.monotonic() - run.t_start
+    return summary
+
+
+def _extract_on_devices(devices, args: tuple, records, summary: ExtractSummary, opts: dict, *, retry_failures,
+                        on_batch, progress, should_stop, worker_init, t_start) -> ExtractSummary:
+    """One worker process per device on a share of ``args[2]`` (the records still to do), then the unsharded
+    pass on one device that merges their shards (see :mod:`kernel.multidevice`)."""
+    from kernel import multidevice as md
+
+    n = len(devices)
+    wopts = {**opts, "retry_failures": retry_failures,
+             "workers": md.worker_decoders(opts["workers"], n, devices[0].type)}
+    results = md.run_workers(devices, args, wopts, total=len(args[2]), on_batch=on_batch, progress=progress,
+                             split=summary.split, t_start=t_start, worker_init=worker_init)
+    errors = md.merge_summaries(summary, results, devices)
+    summary.device = ",".join(str(d) for d in devices)
+    good = [devices[i] for i in sorted(results) if not isinstance(results[i], str)]
+    if not good:
+        raise KernelError(f"extraction failed on every device: {'; '.join(errors)}")
+    for e in errors:
+        log.error("%s; its share is left to the final pass on %s", e, good[0])
+    if not summary.stopped:  # merge (and compute what a failed worker left) on one device
+        last = extract(args[0], args[1], records, summary.split, args[4], device=str(good[0]), progress=progress,
+                       on_batch=on_batch, should_stop=should_stop, **opts)
+        for m, c in last.computed.items():
+            summary.computed[m] += c
+            summary.model_seconds[m] += last.model_seconds.get(m, 0.0)
+        summary.new_failures += last.new_failures
+        summary.stopped, summary.complete, summary.failures = last.stopped, last.complete, last.failures
+    else:
+        summary.failures = {k: v for k, v in _read_all_failures(args[4], summary.split).items()
+                            if k in {r[0] for r in records}}
     summary.seconds = time.monotonic() - t_start
     return summary
 
@@ -673,7 +754,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=None, help="comma-separated subset of the manifest's models")
     p.add_argument("--track", choices=["recognition", "retrieval"], default=None,
                    help="only the models of this track")
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cuda (every visible GPU, one worker process each), cuda:N (that "
+                   "GPU only) or cpu (default: every visible GPU, else the CPU)")
     p.add_argument("--batch-size", type=number(int, 1), default=None, help="images per batch (default 32 on CUDA, 8 on CPU; "
                    "halved per model on out-of-memory)")
     p.add_argument("--workers", type=number(int, 0), default=None,

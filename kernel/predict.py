@@ -181,6 +181,7 @@ def predict(
     """Run the whole job; see the module docstring. Returns a :class:`PredictReport`."""
     from kernel.data.sources import folder_source, kaggle_split
     from kernel.extract import extract, stored_ids
+    from kernel.multidevice import extract_devices
     from kernel.models import load_manifest, select
     from kernel.submission import check_submission, write_submission
 
@@ -261,7 +262,7 @@ def predict(
     for e in entries:
         n = e["name"]
         if probe.computed.get(n):
-            per_image[n] = probe.model_seconds[n] / probe.computed[n]
+            per_image[n] = probe.model_seconds[n] / probe.computed[n] / len(extract_devices(device))  # all GPUs work
     if not per_image:  # nothing computed (all stored already, or all failed): no basis, assume it fits
         per_image = {e["name"]: 0.0 for e in entries}
     fallback_rate = max(per_image.values())

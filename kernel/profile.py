@@ -1,9 +1,11 @@
-"""``python -m kernel profile``: per-model cost on this device, projected P100 cost, and the 12-hour plan.
+"""``python -m kernel profile``: per-model cost on this device, projected cost on each Kaggle accelerator, and
+the 12-hour plan for each.
 
 For every model: measured ms/image on this device at its real image size and best batch size, GFLOP/image
-(torch's flop counter), projected P100 ms/image (:mod:`kernel.budget` documents the model), then the
-projected hours of the whole run for the given image counts against the budget and the plan of which models
-fit. Prints a table, and optionally writes the same as JSON and a bar chart as PNG.
+(torch's flop counter), projected ms/image on one device of each card of :data:`kernel.budget.TARGETS` (the T4 x2
+Kaggle gives today, the retired P100; :mod:`kernel.budget` documents the model), then the projected hours of the
+whole run for the given image counts against the budget and the plan of which models fit on each card
+(``--target`` picks the cards printed; the JSON always holds every card). Optionally writes a bar chart as PNG.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from kernel.errors import KernelError
 
 log = logging.getLogger(__name__)
 
-HELP = "measure each model on this device, project P100 time and plan what fits the 12 h budget"
+HELP = "measure each model on this device, project its time on Kaggle's T4 x2 and P100, plan what fits 12 h"
 
 
 def _device(name: str | None) -> torch.device:
@@ -69,11 +71,11 @@ def time_model(model, size: int, device: torch.device, batch_sizes, iters: int) 
 
 
 def profile_models(entries, weights=None, device=None, batch_sizes=None, iters=None, efficiency=None,
-                   target="p100", measure=True) -> list[dict]:
+                   measure=True) -> list[dict]:
+    """One row per model: GFLOP, ``<card>_ms`` projected for every card, and the measurement here."""
     from kernel.models import build_model, load_model
 
     device = _device(device)
-    tgt = budget.TARGETS[target]
     if batch_sizes is None:
         batch_sizes = [1, 2, 4, 8, 16, 32, 64] if device.type == "cuda" else [1, 2]
     iters = iters or (5 if device.type == "cuda" else 1)
@@ -81,8 +83,9 @@ def profile_models(entries, weights=None, device=None, batch_sizes=None, iters=N
     for e in entries:
         gflop = budget.count_gflops(e)
         row = {"name": e["name"], "family": e["family"], "image_size": e["image_size"], "priority": e["priority"],
-               "tracks": e["tracks"], "gflop": round(gflop, 3),
-               "p100_ms": round(budget.projected_ms(gflop, e["family"], tgt, efficiency), 3)}
+               "tracks": e["tracks"], "gflop": round(gflop, 3)}
+        for key, tgt in budget.TARGETS.items():
+            row[f"{key}_ms"] = round(budget.projected_ms(gflop, e["family"], tgt, efficiency), 3)
         if measure:
             model = load_model(e, weights, device) if weights else build_model(e).eval().to(device)
             if device.type == "cuda":
@@ -107,42 +110,59 @@ def images_per_model(entry: dict, track: str, n_test: int, n_index: int, n_train
     return n
 
 
-def make_plan(rows, entries, track, n_test, n_index, n_train, budget_hours, decode_ms, reserve_hours):
+DECODE_CORES = 2  # our reading: the 2 CPU cores of Kaggle's P100 sessions (SPEC §5); assumed for the T4 x2 too
+
+
+def make_plan(rows, entries, track, n_test, n_index, n_train, budget_hours, decode_ms, reserve_hours,
+              target="t4x2"):
+    """The plan of ``track`` on card ``target``; writes ``<target>_<track>_hours`` into the rows."""
     by = {e["name"]: e for e in entries}
+    devices = budget.TARGETS[target]["devices"]
     chosen = [r for r in rows if track in by[r["name"]]["tracks"]]
     costs, priority = {}, {}
     for r in chosen:
         n = images_per_model(by[r["name"]], track, n_test, n_index, n_train)
-        costs[r["name"]] = n * r["p100_ms"] / 1000
+        costs[r["name"]] = n * r[f"{target}_ms"] / 1000 / devices  # the devices share the images
         priority[r["name"]] = r["priority"]
-        r[f"{track}_hours"] = round(costs[r["name"]] / 3600, 3)
+        r[f"{target}_{track}_hours"] = round(costs[r["name"]] / 3600, 3)
     n_images = n_test + n_train + (n_index if track == "retrieval" else 0)
-    fixed = n_images * decode_ms / 1000 / 2 + reserve_hours * 3600  # 2 decode workers on Kaggle
+    fixed = n_images * decode_ms / 1000 / DECODE_CORES + reserve_hours * 3600
     plan = budget.plan_models(costs, priority, budget_hours * 3600, fixed_s=fixed)
     out = plan.as_dict()
-    out.update(track=track, images=n_images, fixed_hours=round(fixed / 3600, 3))
+    out.update(track=track, target=target, images=n_images, fixed_hours=round(fixed / 3600, 3))
     return out
 
 
-def format_table(rows, plans, device_label) -> str:
-    head = f"{'model':<26}{'size':>5}{'GFLOP':>8}{'here ms':>10}{'bs':>4}{'P100 ms':>9}"
-    tracks = [p["track"] for p in plans]
-    head += "".join(f"{t[:5] + ' h':>9}" for t in tracks)
-    lines = [f"device: {device_label}; P100 projection: {budget.P100['fp16_tflops']} TFLOPS fp16 x family "
-             f"efficiency ({', '.join(f'{k} {v}' for k, v in budget.DEFAULT_EFFICIENCY.items())})", head,
-             "-" * len(head)]
+def _card_line(key: str, efficiency) -> str:
+    t = budget.TARGETS[key]
+    eff = budget.target_efficiency(t, efficiency)
+    return (f"{key}: {t['name']}: {t['devices']} x {t['fp16_tflops']} TFLOPS fp16, {t['mem_gbs']:.0f} GB/s; "
+            f"efficiency {', '.join(f'{k} {v:.3f}' for k, v in eff.items())}")
+
+
+def format_table(rows, plans, device_label, efficiency=None) -> str:
+    targets = list(dict.fromkeys(p["target"] for p in plans))
+    tracks = list(dict.fromkeys(p["track"] for p in plans))
+    head = f"{'model':<26}{'size':>5}{'GFLOP':>8}{'here ms':>10}{'bs':>4}"
+    head += "".join(f"{k + ' ms':>9}" for k in targets)
+    head += "".join(f"{k + ' ' + t[:5] + ' h':>14}" for k in targets for t in tracks)
+    lines = [f"device: {device_label}; projection per device: GFLOP / (fp16 peak x family efficiency)"]
+    lines += [_card_line(k, efficiency) for k in targets]
+    lines += [head, "-" * len(head)]
     for r in rows:
         here = f"{r['measured_ms']:>10.1f}{r['batch_size']:>4}" if "measured_ms" in r else f"{'-':>10}{'-':>4}"
-        line = f"{r['name']:<26}{r['image_size']:>5}{r['gflop']:>8.1f}{here}{r['p100_ms']:>9.1f}"
-        for t in tracks:
-            v = r.get(f"{t}_hours")
-            line += f"{v:>9.2f}" if v is not None else f"{'-':>9}"
+        line = f"{r['name']:<26}{r['image_size']:>5}{r['gflop']:>8.1f}{here}"
+        line += "".join(f"{r[f'{k}_ms']:>9.1f}" for k in targets)
+        for k in targets:
+            for t in tracks:
+                v = r.get(f"{k}_{t}_hours")
+                line += f"{v:>14.2f}" if v is not None else f"{'-':>14}"
         lines.append(line)
     for p in plans:
         lines.append("")
-        lines.append(f"{p['track']}: {p['images']} images per model; projected {p['projected_hours']:.2f} h of "
-                     f"{p['budget_hours']:.1f} h (incl. {p['fixed_hours']:.2f} h decode + reserve) -> "
-                     f"{'fits' if p['fits'] else 'DOES NOT FIT'}")
+        lines.append(f"{p['target']} {p['track']}: {p['images']} images per model; projected "
+                     f"{p['projected_hours']:.2f} h of {p['budget_hours']:.1f} h (incl. {p['fixed_hours']:.2f} h "
+                     f"decode + reserve) -> {'fits' if p['fits'] else 'DOES NOT FIT'}")
         lines.append(f"  keep: {', '.join(p['kept'])}")
         if p["dropped"]:
             lines.append(f"  drop: {', '.join(p['dropped'])}")
@@ -151,11 +171,12 @@ def format_table(rows, plans, device_label) -> str:
 
 
 def plot(rows, plans, path: Path, title: str) -> None:
-    """Horizontal bar chart (PIL only): projected P100 hours per model per track, and the budget line."""
+    """Horizontal bar chart (PIL only): projected hours per model per track on the plans' card."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
     tracks = [p["track"] for p in plans]
+    key = plans[0]["target"]
     colours = {"recognition": (52, 101, 164), "retrieval": (204, 102, 0)}
     bar_h, gap, left, right, top = 14, 10, 210, 60, 50
     height = top + len(rows) * (len(tracks) * bar_h + gap) + 60
@@ -163,13 +184,13 @@ def plot(rows, plans, path: Path, title: str) -> None:
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     d.text((10, 10), title, fill="black", font=font)
-    vmax = max([r.get(f"{t}_hours", 0) or 0 for r in rows for t in tracks] + [0.01])
+    vmax = max([r.get(f"{key}_{t}_hours", 0) or 0 for r in rows for t in tracks] + [0.01])
     scale = (width - left - right) / vmax
     y = top
     for r in rows:
         d.text((10, y + 2), f"{r['name']} ({r['gflop']:.0f} GFLOP)", fill="black", font=font)
         for t in tracks:
-            v = r.get(f"{t}_hours")
+            v = r.get(f"{key}_{t}_hours")
             if v is not None:
                 d.rectangle([left, y, left + max(1, int(v * scale)), y + bar_h - 2], fill=colours.get(t, "gray"))
                 d.text((left + int(v * scale) + 4, y), f"{v:.2f} h", fill="black", font=font)
@@ -196,12 +217,15 @@ def add_arguments(p) -> None:
     p.add_argument("--n-index", type=number(int, 0), default=76_176, help="retrieval index images (default 76,176, SPEC §5)")
     p.add_argument("--n-train", type=number(int, 0), default=0,
                    help="train images extracted in the kernel (default 0: train descriptors are precomputed)")
-    p.add_argument("--target", choices=sorted(budget.TARGETS), default="p100")
+    p.add_argument("--target", choices=[*budget.TARGETS, "all"], default="all",
+                   help="card whose plan is printed: t4x2 (Kaggle today), p100 (retired), all (default); "
+                   "the JSON holds every card")
     p.add_argument("--budget-hours", type=number(float, 0, exclusive_min=True), default=12.0)
     p.add_argument("--reserve-hours", type=number(float, 0), default=0.5, help="reserved for loading and post-processing")
     p.add_argument("--decode-ms", type=number(float, 0), default=12.0, help="CPU decode+resize ms per image and core")
-    p.add_argument("--efficiency", action="append", default=[], metavar="FAMILY=VALUE",
-                   help="override a family's assumed fraction of P100 fp16 peak (repeatable)")
+    p.add_argument("--efficiency", action="append", default=[], metavar="[CARD:]FAMILY=VALUE",
+                   help="override a family's assumed fraction of the P100's fp16 peak (the basis of every card), "
+                   "or with CARD: (t4x2:effnet=0.03) of that card's own peak (repeatable)")
     p.add_argument("--batch-sizes", default=None, help="comma-separated candidate batch sizes")
     p.add_argument("--iters", type=number(int, 1), default=None, help="timed iterations per batch size")
     p.add_argument("--no-measure", action="store_true", help="FLOPs and projection only, no timing here")
@@ -209,22 +233,30 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", default=None, help="write a bar chart PNG here")
 
 
+def parse_efficiency(items) -> dict:
+    """``[CARD:]FAMILY=VALUE`` items of ``--efficiency`` -> ``{"family" or "card:family": value}``."""
+    out = {}
+    for item in items:
+        key, _, val = item.partition("=")
+        card, _, fam = key.rpartition(":")
+        if fam not in budget.DEFAULT_EFFICIENCY or (card and card not in budget.TARGETS):
+            raise KernelError(f"--efficiency {item}: expected [CARD:]FAMILY=VALUE with CARD one of "
+                              f"{', '.join(budget.TARGETS)} and FAMILY one of {', '.join(budget.DEFAULT_EFFICIENCY)}")
+        try:
+            out[key] = float(val)
+        except ValueError:
+            raise KernelError(f"--efficiency {item}: '{val}' is not a number") from None
+        if not 0 < out[key] <= 1:
+            raise KernelError(f"--efficiency {item}: a fraction of peak must be in (0, 1]")
+    return out
+
+
 def run(args) -> int:
     from kernel.cli import output_file
     from kernel.models import load_manifest, select
 
     entries = select(load_manifest(args.manifest), args.models)
-    efficiency = {}
-    for item in args.efficiency:
-        fam, _, val = item.partition("=")
-        if fam not in budget.DEFAULT_EFFICIENCY:
-            raise KernelError(f"--efficiency {item}: unknown family '{fam}'")
-        try:
-            efficiency[fam] = float(val)
-        except ValueError:
-            raise KernelError(f"--efficiency {item}: '{val}' is not a number") from None
-        if not 0 < efficiency[fam] <= 1:  # a fraction of the peak (0 would divide by zero)
-            raise KernelError(f"--efficiency {item}: must be a fraction of the peak in (0, 1]")
+    efficiency = parse_efficiency(args.efficiency)
     for option in ("json", "plot"):
         if getattr(args, option):
             output_file(getattr(args, option), f"--{option}", inputs=[args.manifest, args.weights])
@@ -235,21 +267,24 @@ def run(args) -> int:
         raise KernelError(f"--batch-sizes {args.batch_sizes}: expected comma-separated integers") from None
     if bss is not None and (not bss or min(bss) < 1):
         raise KernelError(f"--batch-sizes {args.batch_sizes}: batch sizes must be >= 1")
-    rows = profile_models(entries, args.weights, str(device), bss, args.iters, efficiency, args.target,
+    rows = profile_models(entries, args.weights, str(device), bss, args.iters, efficiency,
                           measure=not args.no_measure)
     tracks = ["recognition", "retrieval"] if args.track == "both" else [args.track]
-    plans = [make_plan(rows, entries, t, args.n_test, args.n_index, args.n_train, args.budget_hours,
-                       args.decode_ms, args.reserve_hours) for t in tracks]
+    plans = {k: [make_plan(rows, entries, t, args.n_test, args.n_index, args.n_train, args.budget_hours,
+                           args.decode_ms, args.reserve_hours, target=k) for t in tracks] for k in budget.TARGETS}
+    shown = list(budget.TARGETS) if args.target == "all" else [args.target]
     label = device_name(device)
-    print(format_table(rows, plans, label))
-    result = {"device": label, "target": budget.TARGETS[args.target], "efficiency": {**budget.DEFAULT_EFFICIENCY,
-              **efficiency}, "counts": {"test": args.n_test, "index": args.n_index, "train": args.n_train},
-              "models": rows, "plans": {p["track"]: p for p in plans}}
+    print(format_table(rows, [p for k in shown for p in plans[k]], label, efficiency))
+    result = {"device": label, "efficiency": efficiency, "decode_cores": DECODE_CORES,
+              "counts": {"test": args.n_test, "index": args.n_index, "train": args.n_train},
+              "targets": {k: {**t, "efficiency": budget.target_efficiency(t, efficiency),
+                              "plans": {p["track"]: p for p in plans[k]}} for k, t in budget.TARGETS.items()},
+              "models": rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"\nJSON: {args.json}")
     if args.plot:
-        plot(rows, plans, Path(args.plot), f"Projected {args.target.upper()} hours per model ({label})")
+        plot(rows, plans[shown[0]], Path(args.plot), f"Projected {shown[0]} hours per model ({label})")
         print(f"plot: {args.plot}")
     return 0

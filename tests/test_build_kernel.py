@@ -175,6 +175,7 @@ def test_dataset_layout_and_metadata(built, store):
     for track, comp in notebook.COMPETITIONS.items():
         km = json.loads((out / "notebook" / track / "kernel-metadata.json").read_text())
         assert km["enable_gpu"] is True and km["enable_internet"] is False and km["kernel_type"] == "notebook"
+        assert km["machine_shape"] == "NvidiaTeslaT4"  # the default accelerator: Kaggle's T4 x2
         assert km["dataset_sources"] == [f"tester/{SLUG}"] and km["competition_sources"] == [comp]
         nb = (out / "notebook" / track / km["code_file"]).read_text()
         cells = notebook.code_cells_of(nb)
@@ -197,6 +198,12 @@ def test_notebook_runs_offline_and_writes_the_submission(built, competition, tmp
     assert "timm: image has 0.0.1, installing" in log
     assert f"timm_file: {root / 'working' / 'pylib' / 'timm'}" in log
     assert f"kernel: {root / 'input' / SLUG / 'kernel' / '__init__.py'}" in log
+    # the machine at the top: which torch; no GPU here, said loudly, and the submission is still written
+    import torch
+
+    assert f"torch {torch.__version__} (CUDA build" in log
+    if not torch.cuda.is_available():
+        assert "!!! NO USABLE GPU" in log
     rows = read_csv(root / "working" / "submission.csv")
     assert rows[0] == ["id", "landmarks"]
     test_ids = {r[0] for r in read_csv(competition.recognition / "sample_submission.csv")[1:]}
@@ -262,7 +269,7 @@ def test_notebook_finds_the_dataset_mounted_elsewhere(built, competition, tmp_pa
     shutil.copytree(competition.recognition, root / "input" / "landmark-recognition-2021")
     (root / "working").mkdir()
     cells = notebook.code_cells_of((out / "notebook" / "recognition" / f"{SLUG}-recognition.ipynb").read_text())
-    res = run_notebook(cells[:3], root, tmp_path)  # configure, find, verify
+    res = run_notebook(cells[:4], root, tmp_path)  # configure, machine, find, verify
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"dataset: {root / 'input' / 'datasets' / 'tester' / SLUG} (build {_build_id(out)})" in res.stdout
     assert "verified 3 checkpoints" in res.stdout
@@ -305,10 +312,17 @@ def test_conversion_check_rejects_moved_descriptors():
 def test_headless_build_is_a_script_kernel_and_replaces_an_earlier_build(tiny_weights, timm_wheel, tmp_path):
     weights, manifest = tiny_weights
     out = tmp_path / "build"
-    build_bundle(weights, out, "tester", manifest=manifest, models="effnet_b6_512", progress=False)
+    report = build_bundle(weights, out, "tester", manifest=manifest, models="effnet_b6_512", progress=False,
+                          accelerator="p100")
     assert (out / "notebook" / "glr2021-kernel-recognition.ipynb").is_file()
-    build_bundle(weights, out, "tester", manifest=manifest, models="effnet_b6_512", headless=True, progress=False)
     km = json.loads((out / "notebook" / "kernel-metadata.json").read_text())
+    assert km["enable_gpu"] is True and km["machine_shape"] == "NvidiaTeslaP100"
+    assert any("retired" in w and "NvidiaTeslaT4" in w for w in report["warnings"])  # Kaggle runs it on a T4
+    assert "retired" in (out / "report.txt").read_text()
+    report = build_bundle(weights, out, "tester", manifest=manifest, models="effnet_b6_512", headless=True,
+                          progress=False, accelerator="cpu")
+    km = json.loads((out / "notebook" / "kernel-metadata.json").read_text())
+    assert km["enable_gpu"] is False and "machine_shape" not in km and report["options"]["accelerator"] == "cpu"
     assert km["kernel_type"] == "script" and km["code_file"] == "glr2021-kernel-recognition.py"
     assert not (out / "notebook" / "glr2021-kernel-recognition.ipynb").exists()
     script = (out / "notebook" / km["code_file"]).read_text()

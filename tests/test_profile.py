@@ -19,11 +19,13 @@ def test_profile_json_has_every_model_and_a_plan(tiny_weights, tmp_path):
     names = [m["name"] for m in data["models"]]
     assert len(names) == 9
     for m in data["models"]:
-        assert m["measured_ms"] > 0 and m["gflop"] > 0 and m["p100_ms"] > 0 and m["batch_size"] >= 1
-    for track in ("recognition", "retrieval"):
-        plan = data["plans"][track]
-        assert plan["fits"] and len(plan["kept"]) == 8 and plan["dropped"] == []
-    assert "keep:" in r.stdout and "P100 ms" in r.stdout
+        assert m["measured_ms"] > 0 and m["gflop"] > 0 and m["batch_size"] >= 1
+        assert m["t4x2_ms"] > m["p100_ms"] > 0  # one T4 is slower than a P100 by the bandwidth rule
+    for card in ("t4x2", "p100"):
+        for track in ("recognition", "retrieval"):
+            plan = data["targets"][card]["plans"][track]
+            assert plan["fits"] and len(plan["kept"]) == 8 and plan["dropped"] == [] and plan["target"] == card
+    assert "keep:" in r.stdout and "t4x2 ms" in r.stdout and "p100 ms" in r.stdout
     assert Image.open(png).size[0] > 100
 
 
@@ -44,3 +46,44 @@ def test_plan_drops_by_priority_and_keeps_one():
     assert plan.kept == ["a", "c"] and plan.dropped == ["b"] and plan.fits
     plan = plan_models(costs, prio, budget_s=1, fixed_s=0)
     assert plan.kept == ["a"] and not plan.fits and len(plan.decisions) == 3
+
+
+def _profile(*args):
+    from kernel.cli import main
+
+    return main(["profile", "--no-measure", "--models", "dolg_effnet_b5_768,hybrid_b6_swin384_384", *args])
+
+
+def test_each_card_has_its_plan_and_the_json_lists_both(tmp_path, capsys):
+    from kernel import budget
+
+    js = tmp_path / "p.json"
+    assert _profile("--target", "t4x2", "--json", str(js), "--budget-hours", "1.08", "--reserve-hours", "0") == 0
+    out = capsys.readouterr().out
+    assert "t4x2 recognition:" in out and "p100 recognition:" not in out and "2 x 65.0 TFLOPS" in out
+    data = json.loads(js.read_text())
+    t4, p100 = data["targets"]["t4x2"], data["targets"]["p100"]
+    assert (t4["machine_shape"], t4["devices"], t4["mem_gbs"]) == ("NvidiaTeslaT4", 2, 320.0)
+    assert (p100["machine_shape"], p100["devices"], p100["mem_gbs"]) == ("NvidiaTeslaP100", 1, 732.0)
+    # the bandwidth rule: one T4 reaches P100 throughput x 320/732; two T4s share the images
+    m = data["models"][0]
+    assert abs(m["t4x2_ms"] / m["p100_ms"] - 732 / 320) < 1e-3
+    plan = t4["plans"]["retrieval"]
+    assert abs(m["t4x2_retrieval_hours"] - 86_176 * m["t4x2_ms"] / 2 / 1000 / 3600) < 1e-3
+    # 1.08 h: both models fit on the P100 for retrieval, not on the T4 x2 (1.14x slower): the plan says which
+    assert p100["plans"]["retrieval"]["fits"] and len(p100["plans"]["retrieval"]["kept"]) == 2
+    assert plan["kept"] == ["dolg_effnet_b5_768"] and plan["dropped"] == ["hybrid_b6_swin384_384"]
+    assert _profile("--target", "p100") == 0
+    out = capsys.readouterr().out
+    assert "p100 recognition:" in out and "t4x2 recognition:" not in out
+    # a measured efficiency replaces the assumption: for one card, or for the P100 basis of every card
+    assert budget.target_efficiency(budget.T4X2, {"t4x2:effnet": 0.05})["effnet"] == 0.05
+    assert budget.target_efficiency(budget.P100, {"t4x2:effnet": 0.05})["effnet"] == 0.20
+    assert budget.target_efficiency(budget.T4X2, {"effnet": 0.4})["effnet"] == 2 * budget.target_efficiency(
+        budget.T4X2)["effnet"]
+
+
+def test_bad_efficiency_is_one_clear_error(capsys):
+    for bad in ("effnet=x", "k80:effnet=0.1", "swin=0.2", "effnet=3"):
+        assert _profile("--efficiency", bad) == 2
+        assert f"--efficiency {bad}" in capsys.readouterr().err

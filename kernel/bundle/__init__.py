@@ -70,6 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predict-args", default="", help="extra arguments for 'python -m kernel predict' in the "
                    "notebook, e.g. \"--rerank two-stage\"")
     p.add_argument("--public", action="store_true", help="make the notebook public (default private)")
+    p.add_argument("--accelerator", choices=["t4x2", "p100", "cpu"], default="t4x2",
+                   help="the notebook's Kaggle accelerator, written as machine_shape in kernel-metadata.json: t4x2 "
+                   "(default, 'GPU T4 x2', what Kaggle gives today), p100 (retired: Kaggle runs it on the T4 x2 "
+                   "and warns), cpu (no GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -84,7 +88,7 @@ def run(args) -> int:
         fp16_tolerance=args.fp16_tolerance, check_images=args.check_images, wheel_requirements=args.wheel,
         wheel_dirs=args.wheel_dir, allow_download=not args.no_download, license_name=args.license,
         deadline_hours=args.deadline_hours, predict_args=shlex.split(args.predict_args), private=not args.public,
-        progress=not args.no_progress,
+        progress=not args.no_progress, accelerator=args.accelerator,
     )
     print(render(report, full=False), end="")
     print(f"full file list: {args.out}/report.txt")

@@ -355,7 +355,8 @@ def write_json(path: Path, data) -> None:
 
 def write_notebooks(staging: Path, out: Path, tracks: list[str], user: str, slug: str, build_id: str,
                     rows: list[dict], plans: list[ModelPlan], headless: bool, private: bool,
-                    deadline_hours: float, predict_args, store, index_store, train_labels) -> list[dict]:
+                    deadline_hours: float, predict_args, store, index_store, train_labels,
+                    accelerator: str = "t4x2") -> list[dict]:
     """One notebook (or script) folder per track, with its ``kernel-metadata.json``; returns report rows."""
     nb_rows = []
     for t in tracks:
@@ -363,12 +364,13 @@ def write_notebooks(staging: Path, out: Path, tracks: list[str], user: str, slug
         kslug, ktitle = kernel_slug(slug, t), f"{slug} {t}"
         code_file = f"{kslug}.py" if headless else f"{kslug}.ipynb"
         config = notebook.config_cell(t, slug, build_id, {r["checkpoint"]: r["sha256"] for r in rows}, store,
-                                      index_store, train_labels, deadline_hours, predict_args)
+                                      index_store, train_labels, deadline_hours, predict_args, accelerator)
         track_models = [p.entry["name"] for p in plans if t in p.entry["tracks"]]
         cell_list = notebook.cells(config, notebook.intro(t, ktitle, slug, build_id, track_models))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / code_file).write_text(notebook.to_script(cell_list) if headless else notebook.to_ipynb(cell_list))
-        meta = notebook.kernel_metadata(user, kslug, ktitle, code_file, f"{user}/{slug}", t, headless, private)
+        meta = notebook.kernel_metadata(user, kslug, ktitle, code_file, f"{user}/{slug}", t, headless, private,
+                                        accelerator)
         write_json(folder / "kernel-metadata.json", meta)
         nb_rows.append({"folder": str(out / folder.relative_to(staging)), "code_file": code_file, "id": meta["id"],
                         "kernel_type": meta["kernel_type"], "competition": notebook.COMPETITIONS[t],
@@ -403,6 +405,7 @@ def build_bundle(
     predict_args=(),
     private: bool = True,
     progress: bool = True,
+    accelerator: str = "t4x2",
 ) -> dict:
     """Build ``out/`` (see the module docstring); returns the report (also in ``out/report.json``)."""
     weights, out = Path(weights), Path(out)
@@ -419,7 +422,7 @@ def build_bundle(
     if not weights.is_dir():
         raise KernelError(f"--weights {weights}: folder not found")
     check_out(out, (weights, manifest, store, index_store, train_labels))
-    warnings: list[str] = []
+    warnings: list[str] = notebook.check_accelerator(accelerator)
 
     # ---- phase 1: validate, write nothing
     from kernel.models import load_manifest
@@ -490,7 +493,7 @@ def build_bundle(
             staging, out, tracks, user, slug, build_id, rows, plans, headless, private, deadline_hours,
             predict_args, store="store" if "store" in store_items else None,
             index_store="index-store" if "index-store" in store_items else None,
-            train_labels="train.csv" if train_labels is not None else None)
+            train_labels="train.csv" if train_labels is not None else None, accelerator=accelerator)
         if labels_rows:
             log.info("train labels: %d rows", labels_rows)
         for w in wheel_rows:
@@ -502,7 +505,8 @@ def build_bundle(
             "dataset": str(out / "dataset"), "dataset_id": dataset_id, "tracks": tracks, "models": names,
             "manifest": str(manifest), "options": {"fp16": fp16, "strip_heads": strip_heads,
                                                    "fp16_tolerance": fp16_tolerance, "check_images": check_images,
-                                                   "headless": headless, "deadline_hours": deadline_hours},
+                                                   "headless": headless, "deadline_hours": deadline_hours,
+                                                   "accelerator": accelerator},
             "checkpoints": rows, "stores": store_rows, "train_labels_rows": labels_rows, "wheels": wheel_rows,
             "notebooks": nb_rows, "files": files, "totals": kreport.totals(files),
             "total_size": sum(v["size"] for v in files.values()), "warnings": warnings,

@@ -4,7 +4,12 @@ The cells are plain Python (no shell magics), so the same code runs in Jupyter, 
 (``--headless``) and in the tests. In order, they:
 
 1. *configure*: the Kaggle root (``$KAGGLE_ROOT``, default ``/kaggle``), the competition folder, this build's
-   id and the sha256 of every checkpoint it was built with (pinned in the notebook itself);
+   id and the sha256 of every checkpoint it was built with (pinned in the notebook itself), the accelerator it
+   was built for;
+   *the machine*: which torch (version, CUDA build, compiled GPU architectures), which GPUs (name, compute
+   capability, memory), each checked with a real operation. A GPU this torch cannot run (a Pascal P100, sm_60,
+   under a torch built for sm_75 and newer) is left out; when none is usable a loud banner says so and the job
+   runs on the CPU, where the budget keeps the most valuable models and the submission stays valid;
 2. *find the dataset* at ``<root>/input/<slug>`` (or any folder under ``input/`` holding this build's
    ``BUILD.json``) and check its build id;
 3. *verify* every file of the dataset against ``BUILD.json`` and every checkpoint against the manifest and the
@@ -22,6 +27,11 @@ Every failure ends the run with ``SystemExit("error: ...")`` naming the file and
 from __future__ import annotations
 
 import json
+import logging
+
+from kernel.errors import KernelError
+
+log = logging.getLogger(__name__)
 
 COMPETITIONS = {"recognition": "landmark-recognition-2021", "retrieval": "landmark-retrieval-2021"}
 
@@ -47,10 +57,103 @@ INDEX_STORE = {index_store!r}  # precomputed index descriptors inside the datase
 TRAIN_LABELS = {train_labels!r}  # train.csv inside the dataset (None: the competition's own)
 # Kaggle stops a run at 12 h; this notebook's own steps are counted against the budget as well
 DEADLINE_HOURS = float(os.environ.get("KERNEL_DEADLINE_HOURS", {deadline_hours!r}))
-DEVICE = os.environ.get("KERNEL_DEVICE")  # None: CUDA when available
+DEVICE = os.environ.get("KERNEL_DEVICE")  # None: every usable GPU (see the next cell), else the CPU
+ACCELERATOR = {accelerator!r}  # what build_kernel.py --accelerator asked Kaggle for
 VERIFY = os.environ.get("KERNEL_VERIFY", "all")  # "all": sha256 of every file; "weights": checkpoints only
 PREDICT_ARGS = {predict_args!r}  # extra arguments for `python -m kernel predict`
 SUBMISSION = WORKING / "submission.csv"
+'''
+
+MACHINE = '''\
+# The machine: which torch, which GPUs, which compute capability; loud when no GPU can run this torch.
+import json
+import subprocess
+
+MACHINE_PROBE = """
+import json, torch
+info = {"torch": torch.__version__, "cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+        "archs": torch.cuda.get_arch_list() if torch.cuda.is_available() else [], "gpus": []}
+for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+    p = torch.cuda.get_device_properties(i)
+    gpu = {"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
+           "memory_gb": round(p.total_memory / 2**30, 1)}
+    try:  # a real operation: "no kernel image is available" shows here, not 11 hours later
+        gpu["works"] = float((torch.ones(2, device=f"cuda:{i}") * 2).sum()) == 4.0
+    except Exception as exc:
+        gpu["works"], gpu["error"] = False, f"{type(exc).__name__}: {exc}"[:300]
+    info["gpus"].append(gpu)
+print(json.dumps(info))
+"""
+EXPECTED_GPUS = {"t4x2": (2, "7.5"), "p100": (1, "6.0"), "cpu": (0, None)}  # Kaggle's cards (kernel/budget.py)
+
+
+def compiled_for(capability, archs):
+    """Whether a torch compiled for ``archs`` (sm_XY cubins, compute_XY PTX) runs on a GPU of ``capability``:
+    a cubin of the same major version and no higher minor one, or PTX of a lower or equal version."""
+    major, minor = (int(x) for x in capability.split("."))
+    for arch in archs:
+        kind, _, num = arch.partition("_")
+        if not num.isdigit():
+            continue
+        a_major, a_minor = int(num[:-1]), int(num[-1])
+        if kind == "sm" and a_major == major and a_minor <= minor:
+            return True
+        if kind == "compute" and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+def usable_gpus(info):
+    """The GPUs the job can use, and one line per GPU it cannot."""
+    usable, problems = [], []
+    for g in info["gpus"]:
+        if not compiled_for(g["capability"], info["archs"]):
+            problems.append(f"GPU {g['index']} {g['name']} (sm_{g['capability'].replace('.', '')}) is not among the "
+                            f"architectures torch {info['torch']} was compiled for ({' '.join(info['archs'])})")
+        elif not g.get("works"):
+            problems.append(f"GPU {g['index']} {g['name']} fails a test operation: {g.get('error')}")
+        else:
+            usable.append(g)
+    return usable, problems
+
+
+def log_machine(info):
+    print(f"torch {info['torch']} (CUDA build {info['cuda_build']}); compiled for: {' '.join(info['archs']) or '-'}")
+    for g in info["gpus"]:
+        print(f"GPU {g['index']}: {g['name']}, compute capability {g['capability']}, {g['memory_gb']} GB")
+    usable, problems = usable_gpus(info)
+    want, want_cc = EXPECTED_GPUS[ACCELERATOR]
+    if usable and (len(usable) != want or any(g["capability"] != want_cc for g in usable)):
+        print(f"note: built for {ACCELERATOR} ({want} GPU(s), sm {want_cc}); this session has "
+              f"{len(usable)} usable GPU(s): the job uses what it finds")
+    if not usable:
+        banner = "!" * 100
+        print(f"{banner}\\n!!! NO USABLE GPU: the job runs on the CPU, many times slower; the budget keeps only the "
+              f"most valuable models\\n!!! and the submission stays valid.")
+        for line in problems or ["torch sees no CUDA device (accelerator off, or a CPU-only torch)"]:
+            print(f"!!! {line}")
+        if any(g["capability"].startswith("6.") for g in info["gpus"]):
+            print("!!! A Pascal GPU (sm_60, the P100) needs torch 2.7.1 or older (see the README).")
+        print(banner, flush=True)
+    else:
+        for line in problems:
+            print(f"warning: {line}: left out")
+    return usable
+
+
+def probe_machine():
+    res = subprocess.run([sys.executable, "-c", MACHINE_PROBE], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"error: torch does not import: {res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+MACHINE_INFO = probe_machine()
+USABLE_GPUS = log_machine(MACHINE_INFO)
+if DEVICE is None and MACHINE_INFO["gpus"] and len(USABLE_GPUS) < len(MACHINE_INFO["gpus"]):
+    # hide the GPUs this torch cannot use from the job (none usable: the CPU)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g["index"]) for g in USABLE_GPUS)
+    DEVICE = None if USABLE_GPUS else "cpu"
 '''
 
 FIND_DATASET = '''\
@@ -283,18 +386,20 @@ def check_submission():
 check_submission()
 '''
 
-CODE_CELLS = ("find_dataset", "verify", "install", "environment", "predict", "check_submission")
-_CELL_SOURCE = {"find_dataset": FIND_DATASET, "verify": VERIFY_CELL, "install": INSTALL,
+CODE_CELLS = ("machine", "find_dataset", "verify", "install", "environment", "predict", "check_submission")
+ACCELERATORS = ("t4x2", "p100", "cpu")  # build_kernel.py --accelerator; GPU cards are kernel.budget.TARGETS
+_CELL_SOURCE = {"machine": MACHINE, "find_dataset": FIND_DATASET, "verify": VERIFY_CELL, "install": INSTALL,
                 "environment": ENVIRONMENT, "predict": PREDICT, "check_submission": CHECK_SUBMISSION}
 
 
 def config_cell(track: str, slug: str, build_id: str, checkpoints: dict, store: str | None,
                 index_store: str | None, train_labels: str | None, deadline_hours: float,
-                predict_args=()) -> str:
+                predict_args=(), accelerator: str = "t4x2") -> str:
     pins = "{\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in sorted(checkpoints.items())) + "}"
     return CONFIG.format(track=track, competition=COMPETITIONS[track], slug=slug, build_id=build_id,
                          checkpoints=pins, store=store, index_store=index_store, train_labels=train_labels,
-                         deadline_hours=float(deadline_hours), predict_args=list(predict_args))
+                         deadline_hours=float(deadline_hours), predict_args=list(predict_args),
+                         accelerator=accelerator)
 
 
 def intro(track: str, title: str, slug: str, build_id: str, models: list[str]) -> str:
@@ -351,9 +456,27 @@ def code_cells_of(notebook_text: str) -> list[str]:
     return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
 
 
+def check_accelerator(accelerator: str) -> list[str]:
+    """Refuse an unknown accelerator; the warnings of a known one (the build report lists them)."""
+    if accelerator not in ACCELERATORS:
+        raise KernelError(f"--accelerator {accelerator!r}: choose one of {', '.join(ACCELERATORS)}")
+    if accelerator != "p100":
+        return []
+    text = ("--accelerator p100: Kaggle has retired the P100 ('NvidiaTeslaP100' is retired. Sessions run on the "
+            "default GPU (NvidiaTeslaT4) instead, kaggle CLI 2.2.5): the notebook will run on the T4 x2; "
+            "build with --accelerator t4x2 to say so")
+    log.warning(text)
+    return [text]
+
+
 def kernel_metadata(user: str, kernel_slug: str, title: str, code_file: str, dataset_id: str, track: str,
-                    headless: bool, private: bool = True) -> dict:
-    """``kernel-metadata.json`` (SPEC §5): GPU on, internet off, the dataset and the competition as sources."""
+                    headless: bool, private: bool = True, accelerator: str = "t4x2") -> dict:
+    """``kernel-metadata.json`` (SPEC §5): internet off, the dataset and the competition as sources; GPU on with
+    the accelerator's ``machine_shape`` (``cpu``: GPU off)."""
+    from kernel.budget import TARGETS
+
+    check_accelerator(accelerator)
+    gpu = {"machine_shape": TARGETS[accelerator]["machine_shape"]} if accelerator in TARGETS else {}
     return {
         "id": f"{user}/{kernel_slug}",
         "title": title,
@@ -361,7 +484,8 @@ def kernel_metadata(user: str, kernel_slug: str, title: str, code_file: str, dat
         "language": "python",
         "kernel_type": "script" if headless else "notebook",
         "is_private": private,
-        "enable_gpu": True,
+        "enable_gpu": accelerator != "cpu",
+        **gpu,
         "enable_tpu": False,
         "enable_internet": False,
         "dataset_sources": [dataset_id],
