@@ -137,7 +137,7 @@ HOSTILE = [
          lambda t: ["postprocess", "--track", "retrieval", "--store", "s", "--train-labels", "l", "--out", "o",
                     "--n-results", "-1"], r"--n-results: must be >= 1"),
     Case("profile --efficiency dolg=0", _nothing, lambda t: ["profile", "--no-measure", "--efficiency", "dolg=0"],
-         r"--efficiency dolg=0: must be a fraction"),
+         r"--efficiency dolg=0: a fraction of peak must be in"),
     Case("profile --n-test -5", _nothing, lambda t: ["profile", "--no-measure", "--n-test", "-5"],
          r"--n-test: must be >= 0"),
     Case("manifest image_size 100000",
