@@ -45,20 +45,17 @@ def floor_seconds(track: str, n_train: int, sizes: dict, n_models: int, sample: 
     """The run's products alone (see module docstring), on ``sample`` train rows, scaled to ``n_train``."""
     s = min(sample, n_train)
     q_n, i_n, b_n = sizes["test"], sizes["index"], sizes["nonlandmark"]
-    if track == "recognition":
-        c = centres(2000, 1536, 0)
-        q, _ = clustered(q_n, c, 1.2, 1)
-        t, _ = clustered(s, c, 1.2, 2)
-        b, _ = clustered(b_n, c, 1.2, 3)
-        scaled = [(q, t, rec.KNN_K, True), (t, b, rec.BANK_K_TRAIN, False)]
-        fixed = [(q, b, rec.BANK_K_QUERY, False)]
+    recognition = track == "recognition"
+    c = centres(2000, 1536 if recognition else 512, 0)
+    q, _ = clustered(q_n, c, 1.2, 1)
+    t, _ = clustered(s, c, 1.2, 2)
+    o, _ = clustered(b_n if recognition else i_n, c, 1.2, 3)  # the bank, or the index
+    if recognition:
+        scaled = [(q, t, rec.KNN_K, True), (t, o, rec.BANK_K_TRAIN, False)]
+        fixed = [(q, o, rec.BANK_K_QUERY, False)]
     else:
-        c = centres(2000, 512, 0)
-        q, _ = clustered(q_n, c, 1.2, 1)
-        t, _ = clustered(s, c, 1.2, 2)
-        i, _ = clustered(i_n, c, 1.2, 3)
-        scaled = [(q, t, ret.KNN_K, False), (i, t, ret.KNN_K, False)]
-        fixed = [(q, i, ret.SOFT_KEEP, True)]
+        scaled = [(q, t, ret.KNN_K, False), (o, t, ret.KNN_K, False)]
+        fixed = [(q, o, ret.SOFT_KEEP, True)]
     t0 = time.perf_counter()
     floor(scaled)
     t_scaled = time.perf_counter() - t0

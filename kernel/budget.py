@@ -69,20 +69,25 @@ def target_efficiency(target: dict, efficiency: dict | None = None) -> dict:
     return {**base, **own}
 
 
-def count_gflops(entry: dict) -> float:
-    """GFLOP per image of an entry's descriptor model at its image size (torch's flop counter, meta device:
-    nothing is allocated or computed)."""
+def forward_gflops(build, image_size: int) -> float:
+    """GFLOP of one forward pass of the module ``build()`` returns on one (3, S, S) image (torch's flop
+    counter on the meta device: nothing is allocated or computed; 2 FLOPs per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kernel.models import build_model
-
     with torch.device("meta"):
-        model = build_model(entry).eval()
-        x = torch.empty(1, 3, entry["image_size"], entry["image_size"])
+        model = build().eval()
+        x = torch.empty(1, 3, image_size, image_size)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x)
     return counter.get_total_flops() / 1e9
+
+
+def count_gflops(entry: dict) -> float:
+    """GFLOP per image of an entry's descriptor model at its image size."""
+    from kernel.models import build_model
+
+    return forward_gflops(lambda: build_model(entry), entry["image_size"])
 
 
 def projected_ms(gflop: float, family: str, target: dict = T4X2, efficiency: dict | None = None) -> float:

@@ -30,22 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from kernel import store
+from kernel.models.manifest import ENSEMBLE
 from kernel.store import atomic_write
 
 logger = logging.getLogger(__name__)
 
-#: (name, family, tracks) of the SPEC ensemble
-MODELS = (
-    ("dolg_effnet_b5_768", "dolg", ("recognition", "retrieval")),
-    ("dolg_effnet_b6_768", "dolg", ("recognition", "retrieval")),
-    ("dolg_effnet_b7_448_s1", "dolg", ("recognition", "retrieval")),
-    ("hybrid_b3_swin224_896", "hybrid", ("recognition", "retrieval")),
-    ("hybrid_b5_swin224_448_s1", "hybrid", ("recognition", "retrieval")),
-    ("hybrid_b6_swin384_384", "hybrid", ("recognition", "retrieval")),
-    ("effnet_b3_768", "effnet", ("recognition",)),
-    ("effnet_b6_512", "effnet", ("recognition", "retrieval")),
-    ("effnet_b5_704", "effnet", ("retrieval",)),
-)
+MODELS = ENSEMBLE  # (name, family, tracks) of the 2021 ensemble
 
 
 @dataclass

@@ -67,3 +67,14 @@ def test_hybrid_geometry_must_land_on_the_token_grid():
     entry["image_size"] += 32
     with pytest.raises(KernelError, match="token grid"):
         build_model(entry)
+
+
+def test_ensemble_table_is_the_repository_manifest():
+    """kernel.models.manifest.ENSEMBLE (used by the rehearsal and the synthetic stores) = weights_manifest.json."""
+    import json
+
+    from kernel.models.manifest import ENSEMBLE
+    from tests.conftest import ROOT
+
+    entries = json.loads((ROOT / "weights_manifest.json").read_text())["models"]
+    assert [(e["name"], e["family"], tuple(e["tracks"])) for e in entries] == list(ENSEMBLE)

@@ -31,6 +31,18 @@ FAMILIES = ("dolg", "hybrid", "effnet")
 # batch of one image no longer fits any accelerator and every image would end as a failure
 MAX_IMAGE_SIZE = 2048
 TRACKS = ("recognition", "retrieval")
+#: the 2021 ensemble as (name, family, tracks): the nine models of weights_manifest.json, eight per track
+ENSEMBLE = (
+    ("dolg_effnet_b5_768", "dolg", ("recognition", "retrieval")),
+    ("dolg_effnet_b6_768", "dolg", ("recognition", "retrieval")),
+    ("dolg_effnet_b7_448_s1", "dolg", ("recognition", "retrieval")),
+    ("hybrid_b3_swin224_896", "hybrid", ("recognition", "retrieval")),
+    ("hybrid_b5_swin224_448_s1", "hybrid", ("recognition", "retrieval")),
+    ("hybrid_b6_swin384_384", "hybrid", ("recognition", "retrieval")),
+    ("effnet_b3_768", "effnet", ("recognition",)),
+    ("effnet_b6_512", "effnet", ("recognition", "retrieval")),
+    ("effnet_b5_704", "effnet", ("retrieval",)),
+)
 
 _COMMON = {
     "name": str,

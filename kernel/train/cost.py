@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 
-import torch
 
 from kernel.errors import KernelError
 
@@ -31,21 +30,14 @@ FAMILY_EFFICIENCY = {"dolg": "dolg", "effnet": "effnet", "hybrid": "hybrid", "sw
 
 @lru_cache(maxsize=None)
 def _gflops(arch_key: tuple) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
+    from kernel.budget import forward_gflops
     from kernel.train.nets import build_net
 
     arch = dict(arch_key)
     for k in ("backbone_args", "embedder_args", "dilations", "tracks"):
         if k in arch and isinstance(arch[k], tuple):
             arch[k] = dict(arch[k]) if k.endswith("args") else list(arch[k])
-    with torch.device("meta"):
-        net = build_net(arch).eval()
-        x = torch.empty(1, 3, arch["image_size"], arch["image_size"])
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        net(x)
-    return counter.get_total_flops() / 1e9
+    return forward_gflops(lambda: build_net(arch), arch["image_size"])
 
 
 def _key(arch: dict) -> tuple:
