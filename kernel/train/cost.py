@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 
-
 from kernel.errors import KernelError
 
 log = logging.getLogger(__name__)
