@@ -70,12 +70,12 @@ def log_path(out) -> Path:
 
 def _write_log(report: PredictReport) -> None:
     """The report so far, atomically: an interrupted run leaves the decisions it made (``finished`` false)."""
-    from kernel.submission import replace_checked
+    from kernel.store import atomic_write
 
     report.seconds = time.monotonic() - report.started
     data = json.dumps({k: v for k, v in report.__dict__.items() if k != "started"}, indent=2, default=str)
     try:
-        replace_checked(log_path(report.out), data.encode(), check=lambda tmp: None)
+        atomic_write(log_path(report.out), lambda fh: fh.write(data.encode()))
     except OSError as exc:  # the log never costs the submission
         log.warning("%s: cannot write the run log (%s)", log_path(report.out), exc)
 

@@ -13,12 +13,11 @@ import csv
 import io
 import logging
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from kernel.errors import KernelError
+from kernel.store import atomic_write
 from kernel.labels import first_bad_id, landmark_id_problem
 
 logger = logging.getLogger(__name__)
@@ -47,37 +46,19 @@ def format_prediction(track: str, prediction) -> str:
     return " ".join(str(i) for i in list(prediction)[:MAX_IMAGES])
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: done once, at import, then restored
-    os.umask(mask)
-    return mask
-
-
-# mode of a new file, as ``open()`` would create it (``mkstemp`` alone would leave 0600)
-NEW_FILE_MODE = 0o666 & ~_umask()
-
-
 def replace_checked(path: Path, data: bytes, check) -> None:
-    """Write ``data`` to a temporary file beside ``path`` (mode as for any new file: 0666 minus the umask),
-    run ``check(tmp_path)`` on it, and only then rename it over ``path``: a candidate that fails its check
-    never replaces the previous file (which stays as it was), and a crash leaves the previous file or none."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, NEW_FILE_MODE)
+    """Write ``data`` atomically to ``path`` (:func:`kernel.store.atomic_write`), running ``check(tmp_path)``
+    on the candidate first: one that fails its check never replaces the previous file."""
+
+    def checked(tmp: Path) -> None:
         try:
-            check(Path(tmp))
+            check(tmp)
         except KernelError as exc:
             kept = "keeps the previous file" if path.exists() else "was not written"
             raise KernelError(f"{path}: the new submission failed its check and {kept}: "
-                              f"{str(exc).replace(tmp, 'candidate')}") from None
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+                              f"{str(exc).replace(str(tmp), 'candidate')}") from None
+
+    atomic_write(Path(path), lambda fh: fh.write(data), check=checked)
 
 
 def write_submission(track: str, predictions: dict, test_ids, path) -> Path:

@@ -454,3 +454,15 @@ def test_empty_descriptor_split_warns(caplog):
     with caplog.at_level("WARNING"):
         check_descriptors([], np.zeros((0, 4), np.float32), "S/m/train.npz")
     assert "no descriptors" in caplog.text
+
+
+def test_store_files_have_the_mode_of_any_new_file(tmp_path):
+    """Descriptor files, meta.json and prepared artefacts are written like any new file (not 0600)."""
+    import numpy as np
+
+    from kernel import store
+
+    path = store.save_split(tmp_path, "m", "train", ["a", "b"], np.eye(2, 4, dtype=np.float16))
+    meta = store.write_meta(tmp_path, "m", {"name": "m", "family": "dolg"})
+    for p in (path, meta):
+        assert (p.stat().st_mode & 0o777) == 0o666 & ~_umask()
