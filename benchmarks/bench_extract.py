@@ -11,9 +11,9 @@ Measures, on the device at hand and in one process:
 The goal (issue 3): pipeline images/s >= 90 % of the bare forward on a GPU, i.e. the device never waits for
 decoding. Images are the bundled GLDv2 photos (489-800 px, like the competition's) replicated under new ids.
 
-    python benchmarks/bench_extract.py --preset tiny  --images 256 --batch-size 16          # CPU, seconds
-    python benchmarks/bench_extract.py --preset full  --images 512 --batch-size 32          # GPU
-    python benchmarks/bench_extract.py --preset full  --models dolg_effnet_b5_768 --json out.json
+    python -m benchmarks.bench_extract --preset tiny  --images 256 --batch-size 16          # CPU, seconds
+    python -m benchmarks.bench_extract --preset full  --images 512 --batch-size 32          # GPU
+    python -m benchmarks.bench_extract --preset full  --models dolg_effnet_b5_768 --json out.json
 
 Prints a Markdown table row set (for BENCHMARKS.md) and optionally writes the numbers as JSON.
 """
@@ -29,17 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from kernel.data.decode import decode_image, decode_resized
+from kernel.data.loader import default_workers
+from kernel.extract import extract, resolve_device
+from kernel.models import build_model, load_manifest, select
+from kernel.models.demo import write_demo_weights
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from kernel.data.decode import decode_image, decode_resized  # noqa: E402
-from kernel.data.loader import default_workers  # noqa: E402
-from kernel.extract import extract, resolve_device  # noqa: E402
-from kernel.models import build_model, load_manifest, select  # noqa: E402
-from kernel.models.demo import write_demo_weights  # noqa: E402
-
 SAMPLES = sorted((ROOT / "kernel" / "sample_data" / "gldv2").glob("*.jpg"))
 
 

@@ -1,6 +1,6 @@
 """Full post-processing against the bare cost of its similarity matrix products.
 
-    .venv/bin/python benchmarks/bench_postprocess.py --queries 10000 --index 100000 --train 100000 \\
+    python -m benchmarks.bench_postprocess --queries 10000 --index 100000 --train 100000 \\
         --recognition-train 100000 1000000 --bank 2000
 
 * retrieval, soft up/down (2021), one model (512-d): k-NN labels of the queries and of the index against
@@ -21,16 +21,14 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernel import search  # noqa: E402
-from kernel.postprocess import knn, recognition as rec, retrieval as ret  # noqa: E402
+from kernel import search
+from kernel.postprocess import knn, recognition as rec, retrieval as ret
 
 
 def clustered(n: int, centres: np.ndarray, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

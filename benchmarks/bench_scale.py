@@ -1,6 +1,6 @@
 """Post-processing at competition scale: peak memory and time against the train size.
 
-    .venv/bin/python benchmarks/bench_scale.py --sizes 100000 400000 1580470 --root /tmp/scale \\
+    python -m benchmarks.bench_scale --sizes 100000 400000 1580470 --root /tmp/scale \\
         --json benchmarks/results/scale.json --plot benchmarks/results/scale.png
 
 For every train size, a synthetic store of the real format (``python -m kernel rehearse``: float16 .npz,
@@ -27,15 +27,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_postprocess import clustered, centres, floor  # noqa: E402
-from kernel import rehearse  # noqa: E402
-from kernel.postprocess import recognition as rec, retrieval as ret  # noqa: E402
+from benchmarks.bench_postprocess import centres, clustered, floor
+from kernel import rehearse
+from kernel.postprocess import recognition as rec, retrieval as ret
 
 #: peaks of the in-memory implementation this replaced (recognition, 8 models, 10,000 test, 2,000 bank)
 IN_MEMORY_PEAK_GIB = {100_000: 3.1, 400_000: 10.0}

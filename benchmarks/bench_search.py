@@ -1,6 +1,6 @@
 """Exact top-k: ``kernel.search.topk`` against faiss-cpu ``IndexFlatIP`` on the same data and machine.
 
-    .venv/bin/python benchmarks/bench_search.py --queries 10000 --database 100000 1000000
+    python -m benchmarks.bench_search --queries 10000 --database 100000 1000000
 
 For every database size: L2-normalised Gaussian descriptors (seeded), k = 100, D = 512. Runs alternate
 (faiss, ours, bare products) ``--repeats`` times so that a busy machine slows all three alike; the table
@@ -16,15 +16,13 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernel import search  # noqa: E402
+from kernel import search
 
 
 def unit_gaussian(n: int, dim: int, seed: int) -> np.ndarray:

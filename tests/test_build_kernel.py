@@ -23,6 +23,8 @@ from kernel.bundle import convert, notebook
 from kernel.bundle.build import build_bundle
 from kernel.errors import KernelError
 
+pytestmark = pytest.mark.slow  # end-to-end: subprocesses, whole runs (the fast loop skips them)
+
 ROOT = Path(__file__).resolve().parents[1]
 SLUG = "glr-test-bundle"
 # one model per family, the fastest of the tiny preset; all three serve both tracks

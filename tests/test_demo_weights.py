@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from kernel.models import load_manifest, load_model, read_checkpoint, unwrap_state_dict
@@ -28,6 +29,7 @@ def test_tiny_preset_is_complete_and_loads(tiny_weights):
         assert out.shape == (2, 512) and torch.allclose(out.norm(dim=1), torch.ones(2), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_is_deterministic(tmp_path):
     for d in ("a", "b"):
         subprocess.run([sys.executable, "-m", "kernel", "demo-weights", "--out", str(tmp_path / d),
@@ -39,6 +41,7 @@ def test_cli_is_deterministic(tmp_path):
     assert [e["sha256"] for e in a] == [e["sha256"] for e in b]
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kernel", "demo-weights", "--out", str(tmp_path), "--models", "nope"],
                        cwd=ROOT, capture_output=True, text=True)

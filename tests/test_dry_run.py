@@ -4,10 +4,13 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 from PIL import Image
 
 from kernel.submission import check_submission
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # end-to-end: subprocesses, whole runs (the fast loop skips them)
 
 
 def test_dry_run_end_to_end(tmp_path):

@@ -87,6 +87,7 @@ def _assert_same(a: dict, b: dict, atol: float = 0.0):
         np.testing.assert_allclose(a[n][1], b[n][1], rtol=0, atol=atol, err_msg=n)
 
 
+@pytest.mark.slow
 def test_one_pass_equals_each_model_alone(entries, tiny_weights, images, tmp_path):
     # all nine models (every family and code path) on a photo, a broken file and the odd kinds
     checked = (SAMPLES[0].stem, "odd_exif", "odd_png_as", "odd_gray", "odd_rgba", "odd_16bit")
@@ -215,6 +216,7 @@ def test_deadline_stops_cleanly_and_resumes(entries, tiny_weights, images, tmp_p
     _assert_same(_load(tmp_path / "ref", THREE), _load(st, THREE))
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_identical(entries, tiny_weights, images, tmp_path):
     weights, manifest = tiny_weights
     killed = tmp_path / "killed"
@@ -239,6 +241,7 @@ def test_sigkill_then_resume_is_identical(entries, tiny_weights, images, tmp_pat
     _assert_same(_load(tmp_path / "ref", THREE), _load(killed, THREE))
 
 
+@pytest.mark.slow
 def test_shards_merge_into_the_unsharded_result(entries, tiny_weights, images, tmp_path):
     records = folder_source(images)
     _run(entries, tiny_weights, records, tmp_path / "ref", THREE)

@@ -21,6 +21,8 @@ from kernel.data.sources import folder_source
 from kernel.errors import KernelError
 from kernel.models import load_manifest, select
 
+pytestmark = pytest.mark.slow  # end-to-end: subprocesses, whole runs (the fast loop skips them)
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = sorted((ROOT / "kernel" / "sample_data" / "gldv2").glob("*.jpg"))
 TWO = ["dolg_effnet_b7_448_s1", "hybrid_b6_swin384_384"]  # two families, two input sizes

@@ -221,6 +221,7 @@ def test_hostile_input_ends_in_one_clean_error_and_keeps_every_file(case, tmp_pa
     assert not (ROOT / "kernel" / "build_out").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_out_dot_in_a_folder_holding_a_file_leaves_it(tmp_path):
     """The issue's proof, as a user types it: ``python -m kernel dry-run --out .``."""
     (tmp_path / "keep.py").write_text("print('mine')\n")

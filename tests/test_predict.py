@@ -94,6 +94,7 @@ def test_hopeless_deadline_still_leaves_a_valid_submission_and_says_what_it_drop
     assert "dolg_effnet_b5_768" not in report.dropped  # priority 1
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_leaves_a_valid_file(competition, tiny_weights, tmp_path):
     weights, manifest = tiny_weights
     out = tmp_path / "submission.csv"
@@ -111,6 +112,7 @@ def test_sigkill_mid_run_leaves_a_valid_file(competition, tiny_weights, tmp_path
     check_submission("recognition", out, _test_ids(competition))
 
 
+@pytest.mark.slow
 def test_bad_competition_folder_is_one_clear_message(tmp_path, tiny_weights):
     weights, manifest = tiny_weights
     r = subprocess.run([sys.executable, "-m", "kernel", "predict", "--track", "recognition", "--data",
@@ -120,6 +122,7 @@ def test_bad_competition_folder_is_one_clear_message(tmp_path, tiny_weights):
     assert "nope" in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_index_labels_computed_once_not_per_chunk(competition, tiny_weights, tmp_path, caplog):
     """Retrieval in several chunks: each model's index k-NN labels are computed by the first
     post-processing, kept in the working store's prepared/ and used by every later one."""

@@ -3,12 +3,14 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from kernel.budget import plan_models
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_profile_json_has_every_model_and_a_plan(tiny_weights, tmp_path):
     weights, manifest = tiny_weights
     js, png = tmp_path / "p.json", tmp_path / "p.png"
@@ -54,6 +56,7 @@ def _profile(*args):
     return main(["profile", "--no-measure", "--models", "dolg_effnet_b5_768,hybrid_b6_swin384_384", *args])
 
 
+@pytest.mark.slow
 def test_each_card_has_its_plan_and_the_json_lists_both(tmp_path, capsys):
     from kernel import budget
 

@@ -4,11 +4,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from kernel import store
 from kernel.rows import SplitRows
 from kernel.submission import check_submission
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # end-to-end: subprocesses, whole runs (the fast loop skips them)
 
 
 def _rehearse(out, *extra):

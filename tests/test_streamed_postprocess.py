@@ -195,6 +195,7 @@ def test_retrieval_streamed_equals_in_memory(worlds, rerank, tiny_passes):
     assert got == want
 
 
+@pytest.mark.slow
 def test_prepared_artefacts_used_and_same_answers(worlds, tiny_passes, tmp_path, caplog):
     rp, tp = worlds["recognition"], worlds["retrieval"]
     kw = dict(device=search.resolve_device("cpu"), progress=False, pass_bytes=None)
@@ -272,3 +273,23 @@ def test_split_rows_refuse_zero_rows_and_integer_descriptors(tmp_path):
     store.save_split(tmp_path, "m", "train", ids, (emb * 100).astype(np.int8))
     with pytest.raises(Exception, match="dtype int8"):
         kernel.rows.SplitRows(path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_streamed_search_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch):
+    """float16 passes on the GPU (device-resident database, then forced streaming) give the CPU's
+    neighbours up to float16 rounding of the scores."""
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((20000, 64)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    q = emb[:500] + 0.1 * rng.standard_normal((500, 64)).astype(np.float32)
+    path = store.save_split(tmp_path, "m", "train", [f"t{i}" for i in range(20000)], emb.astype(np.float16))
+    rows = kernel.rows.SplitRows(path)
+    v_cpu, i_cpu = search.topk(q, rows, 10, device="cpu")
+    for pass_bytes in (None, 1000 * 64 * 2):  # whole database on the device, then passes of 1,000 rows
+        if pass_bytes:
+            monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (0, 0))  # pretend it does not fit
+        v_gpu, i_gpu = search.topk(q, rows, 10, device="cuda", pass_bytes=pass_bytes)
+        np.testing.assert_allclose(v_gpu, v_cpu, atol=5e-3)
+        assert np.mean(i_gpu == i_cpu) > 0.95

@@ -12,6 +12,8 @@ from kernel.models import load_manifest
 from kernel.train.recipes import resolve_step
 from kernel.train.smoke import make_views
 
+pytestmark = pytest.mark.slow  # end-to-end: subprocesses, whole runs (the fast loop skips them)
+
 OVERRIDES = {"image_size": 32, "batch_size": 4, "init": "random"}
 
 

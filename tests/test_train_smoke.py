@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # end-to-end: subprocesses, whole runs (the fast loop skips them)
 
 
 def test_quick_smoke_learns():
