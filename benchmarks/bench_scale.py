@@ -67,8 +67,7 @@ def run_size(root: Path, n_train: int, args) -> list[dict]:
     out = root / f"train{n_train}"
     ns = argparse.Namespace(train=n_train, index=args.index, test=args.test, bank=args.bank, models=args.models)
     desc = rehearse._ensure_store(out, ns)
-    retrieval_models = [m for m, _, tracks in rehearse.MODELS[: args.models] if "retrieval" in tracks]
-    retrieval_models = retrieval_models[: args.retrieval_models]
+    retrieval_models = rehearse.retrieval_models_of(out / "store", args.retrieval_models)
     rows = []
     for track in args.tracks:
         cmd = ["postprocess", "--track", track, "--store", str(out / "store"), "--train-labels",

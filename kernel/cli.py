@@ -143,6 +143,11 @@ def _check_parent(path: Path, option: str) -> None:
         raise KernelError(f"{option} {path}: folder {parent} is not writable (read-only file system or permissions)")
 
 
+def _resolved_inputs(inputs):
+    """The run's inputs that were given (not None, not empty), resolved."""
+    return [_resolved(i) for i in inputs if i is not None and os.fspath(i)]
+
+
 def output_file(out, option: str = "--out", inputs=(), side_files=()) -> Path:
     """Check a file path a command is about to (re)write; returns it as a :class:`Path`.
 
@@ -162,10 +167,7 @@ def output_file(out, option: str = "--out", inputs=(), side_files=()) -> Path:
             raise KernelError(f"{label}: {target} is a folder; name the file to write")
         if target.exists() and not target.is_file():
             raise KernelError(f"{label}: {target} exists and is not a regular file (device, pipe or socket)")
-        for inp in inputs:
-            if inp is None or not os.fspath(inp):
-                continue
-            src = _resolved(inp)
+        for src in _resolved_inputs(inputs):
             if target == src or (src.exists() and target.exists() and os.path.samefile(target, src)):
                 raise KernelError(f"{label}: {target} is an input of this run; write elsewhere")
             if src.is_dir() and target.exists() and _inside(target, src):
@@ -184,10 +186,7 @@ def output_dir(out, option: str = "--out", inputs=()) -> Path:
     path = _resolved(out)
     if path.exists() and not path.is_dir():
         raise KernelError(f"{option} {path}: exists and is not a folder")
-    for inp in inputs:
-        if inp is None or not os.fspath(inp):
-            continue
-        src = _resolved(inp)
+    for src in _resolved_inputs(inputs):
         out_in_input = src.is_dir() and _inside(path, src)
         input_in_out = src.exists() and path.exists() and _inside(src, path)
         if out_in_input or input_in_out:

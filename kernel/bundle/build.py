@@ -186,7 +186,7 @@ def check_stores(store, index_store, tracks: list[str], plans: list[ModelPlan], 
     for kind, folder in (("store", store), ("index-store", index_store)):
         if folder is not None:
             items[kind] = (Path(folder), check_store(Path(folder), kind, plans, warnings))
-            ship_prepared(Path(folder), Path(folder), warnings)
+            check_prepared(Path(folder), warnings)
     stored = {(it[0], it[1]) for it in items.get("store", (None, []))[1]}
     if "retrieval" in tracks:
         lacking = [p.entry["name"] for p in plans
@@ -310,19 +310,24 @@ def ship_store(items: list[tuple], kind: str, dataset: Path, shipped_sha: dict, 
     failures = src_store / kstore.FAILURES_DIR
     if failures.is_dir() and metas:
         shutil.copytree(failures, dataset / kind / kstore.FAILURES_DIR, ignore=_IGNORE)
-    return rows + ship_prepared(src_store, dataset / kind, warnings=None)
+    return rows + ship_prepared(src_store, dataset / kind)
 
 
-def ship_prepared(src_store: Path, dst_store: Path, warnings: list[str] | None) -> list[dict]:
-    """Copy the store's prepared artefacts (``python -m kernel prepare``); with ``warnings`` only check
-    what would be shipped. predict uses each one only where its fingerprint matches on Kaggle."""
+def _prepared_files(src_store: Path) -> list[Path]:
+    """The store's prepared artefacts (``python -m kernel prepare``): ``.npz`` files with a fingerprint."""
     src = prepared.prepared_dir(src_store)
-    found = sorted(p for p in src.glob("*.npz") if prepared.read_fingerprint(p) is not None) if src.is_dir() else []
-    if warnings is not None:
-        if not found:
-            warnings.append(f"{src_store}: no prepared artefacts (python -m kernel prepare): predict computes the "
-                            "index k-NN labels / B(t) on Kaggle, once per run")
-        return []
+    return sorted(p for p in src.glob("*.npz") if prepared.read_fingerprint(p) is not None) if src.is_dir() else []
+
+
+def check_prepared(src_store: Path, warnings: list[str]) -> None:
+    if not _prepared_files(src_store):
+        warnings.append(f"{src_store}: no prepared artefacts (python -m kernel prepare): predict computes the "
+                        "index k-NN labels / B(t) on Kaggle, once per run")
+
+
+def ship_prepared(src_store: Path, dst_store: Path) -> list[dict]:
+    """Copy the store's prepared artefacts; predict uses each one only where its fingerprint matches."""
+    found = _prepared_files(src_store)
     rows = []
     for p in found:
         dst = prepared.prepared_dir(dst_store) / p.name
