@@ -110,7 +110,7 @@ def run_child(args: list[str], log_path: Path) -> dict:
             "child_maxrss_gib": maxrss, "returncode": code, "log": str(log_path)}
 
 
-def products_tflop(track: str, sizes: dict, n_models: int, n_retrieval: int, dim: int) -> float:
+def products_tflop(track: str, sizes: dict, n_retrieval: int, dim: int) -> float:
     """TFLOP of the similarity products of one post-processing (2 per multiply-add)."""
     t, i, q, b = sizes["train"], sizes["index"], sizes["test"], sizes["nonlandmark"]
     if track == "recognition":
@@ -121,6 +121,13 @@ def products_tflop(track: str, sizes: dict, n_models: int, n_retrieval: int, dim
 
 def projected_kaggle_s(tflop: float, bytes_read: float) -> float:
     return tflop / (GPU_TFLOPS * GPU_EFFICIENCY) + bytes_read / (READ_MBS * 1e6)
+
+
+def retrieval_models_of(store_dir: Path, limit: int | None = None) -> list[str]:
+    """The first ``limit`` models of a rehearsal store that serve retrieval (its meta.json ``tracks``)."""
+    names = [m for m in store.list_models(store_dir) if "retrieval" in store.read_meta(store_dir, m).get("tracks", ())]
+    order = {n: j for j, (n, _, _) in enumerate(MODELS)}
+    return sorted(names, key=lambda n: order.get(n, len(order)))[:limit]
 
 
 def add_arguments(p) -> None:
@@ -147,7 +154,9 @@ def _ensure_store(out: Path, args) -> dict:
         if have.get("want") == want:
             logger.info("reusing the rehearsal store in %s", out)
             return have["store"]
-    elif out.exists() and any(out.iterdir()):
+        raise KernelError(f"--out {out}: holds a rehearsal of other sizes ({have.get('want')}); "
+                          "choose another folder (or remove that one)")
+    if out.exists() and any(out.iterdir()):
         raise KernelError(f"--out {out}: exists, is not empty and holds no rehearsal: choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -160,8 +169,7 @@ def _ensure_store(out: Path, args) -> dict:
 def run(args) -> int:
     out = Path(args.out)
     desc = _ensure_store(out, args)
-    retrieval_models = [m for m in desc["models"][: args.retrieval_models or None]
-                        if "retrieval" in dict((n, t) for n, _, t in MODELS).get(m, ("retrieval",))]
+    retrieval_models = retrieval_models_of(out / "store", args.retrieval_models)
     results = []
     for track in [t.strip() for t in args.tracks.split(",") if t.strip()]:
         cmd = ["postprocess", "--track", track, "--store", str(out / "store"), "--train-labels",
@@ -173,7 +181,7 @@ def run(args) -> int:
             cmd += ["--device", args.device]
         r = run_child(cmd, out / f"{track}.log")
         n_models = len(retrieval_models) if track == "retrieval" else len(desc["models"])
-        tflop = products_tflop(track, desc["sizes"], len(desc["models"]), len(retrieval_models), desc["dim"])
+        tflop = products_tflop(track, desc["sizes"], len(retrieval_models), desc["dim"])
         s = desc["sizes"]
         read = 2 * desc["dim"] * n_models * (s["train"] + s["test"] + (s["index"] if track == "retrieval" else s["nonlandmark"]))
         r.update(track=track, models=n_models, tflop=tflop, projected_kaggle_s=projected_kaggle_s(tflop, read),

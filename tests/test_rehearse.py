@@ -39,6 +39,11 @@ def test_rehearsal_runs_both_tracks_and_reports_peak_memory(tmp_path):
     # a second rehearsal of the same sizes reuses the store
     again = _rehearse(out, "--tracks", "recognition")
     assert again.returncode == 0 and "reusing the rehearsal store" in again.stderr
+    before = sorted(p.name for p in (out / "store").iterdir())
+    other = subprocess.run([sys.executable, "-m", "kernel", "rehearse", "--out", str(out), "--train", "2000"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and "holds a rehearsal of other sizes" in other.stderr
+    assert sorted(p.name for p in (out / "store").iterdir()) == before
 
 
 def test_rehearsal_over_budget_fails_and_foreign_folder_is_refused(tmp_path):
