@@ -34,7 +34,11 @@ def test_machine_shape_per_accelerator(caplog):
 
 def _machine_cell(info, accelerator, monkeypatch, device=None):
     """Run the machine cell with ``info`` as what the probe found; returns (namespace, printed lines)."""
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # the cell sets CUDA_VISIBLE_DEVICES: setenv first so that monkeypatch restores the variable (or its
+    # absence) afterwards; a bare delenv of an absent variable records nothing, and the cell's value would
+    # leak into later tests (on a GPU machine it hid the GPU from every extraction test after this one)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     printed = []
     ns = {"os": os, "sys": __import__("sys"), "ACCELERATOR": accelerator, "DEVICE": device,
           "print": lambda *a, **k: printed.append(" ".join(map(str, a)))}
@@ -89,3 +93,12 @@ def test_compiled_for():
     assert compiled_for("7.5", TORCH_2_14_ARCHS) and not compiled_for("6.0", TORCH_2_14_ARCHS)
     assert compiled_for("6.0", TORCH_2_7_ARCHS) and compiled_for("6.1", ["sm_60"])  # same major, newer minor
     assert not compiled_for("8.0", ["sm_86"]) and compiled_for("12.1", ["compute_120"])
+
+
+def test_the_machine_cell_leaves_the_environment_as_it_found_it(monkeypatch):
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    with pytest.MonkeyPatch.context() as mp:
+        info = {"torch": "2.14.1+cu130", "cuda_build": "13.0", "archs": TORCH_2_14_ARCHS, "gpus": [P100]}
+        _machine_cell(info, "p100", mp)
+        assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""  # the cell hid the unusable P100
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == before

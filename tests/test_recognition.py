@@ -17,7 +17,7 @@ def test_family_descriptors_by_hand():
     a1 = np.array([[1.0, 0.0]], np.float32)
     a2 = np.array([[0.0, 1.0]], np.float32)
     b1 = np.array([[0.6, 0.8]], np.float32)
-    d = rec.family_descriptors([[a1, a2], [b1]]).numpy()
+    d = rec.family_descriptors([[a1, a2], [b1]]).cpu().numpy()
     # family a: mean (0.5, 0.5); family b: (0.6, 0.8); concatenated, then L2-normalised
     want = np.array([0.5, 0.5, 0.6, 0.8]) / math.sqrt(0.5 + 1.0)
     np.testing.assert_allclose(d[0], want, atol=1e-6)
@@ -29,7 +29,7 @@ def test_family_descriptors_partial_rows():
     a2 = np.array([[0.0, 1.0], [0.0, 1.0]], np.float32)  # holds rows 0 and 1
     b1 = np.array([[0.6, 0.8]], np.float32)  # holds row 0
     present = [[np.array([1, 0], bool), np.array([1, 1], bool)], [np.array([1, 0], bool)]]
-    d = rec.family_descriptors([[a1, a2], [b1]], present, n=2).numpy()
+    d = rec.family_descriptors([[a1, a2], [b1]], present, n=2).cpu().numpy()
     np.testing.assert_allclose(d[1], [0.0, 1.0, 0.0, 0.0], atol=1e-6)
     np.testing.assert_allclose(d[0], np.array([0.5, 0.5, 0.6, 0.8]) / math.sqrt(1.5), atol=1e-6)
 

@@ -92,9 +92,9 @@ def test_ensemble_descriptors_mean_cosine_and_partial_queries():
     rng = np.random.default_rng(1)
     db = [unit(rng.standard_normal((6, 8))) for _ in range(3)]
     qs = [unit(rng.standard_normal((4, 8))) for _ in range(3)]
-    D = ret.ensemble_descriptors(db).numpy()
+    D = ret.ensemble_descriptors(db).cpu().numpy()
     present = [np.ones(4, bool), np.array([1, 1, 0, 1], bool), np.array([1, 0, 0, 1], bool)]
-    Q = ret.ensemble_descriptors([q[p] for q, p in zip(qs, present)], present).numpy()
+    Q = ret.ensemble_descriptors([q[p] for q, p in zip(qs, present)], present).cpu().numpy()
     got = Q @ D.T
     for r in range(4):
         models = [m for m in range(3) if present[m][r]]
