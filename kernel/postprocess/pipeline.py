@@ -19,7 +19,6 @@ import pandas as pd
 
 from kernel import search, store
 from kernel.errors import KernelError
-from kernel.postprocess import prepared
 from kernel.postprocess import reference as ref
 from kernel.postprocess import recognition as rec
 from kernel.postprocess import retrieval as ret
@@ -177,7 +176,7 @@ def retrieval_from_store(
         rerank, len(metas), dev, len(test_ids),
     )
     ctx = dict(reuse=ref.Reuse.of(store_dir, prepared_dirs, cache_dir), labels=labels,
-               labels_fp=prepared.labels_digest(labels) if labels is not None else None,
+               labels_fp=ref.labels_fingerprint(labels),
                kw=dict(device=dev, progress=progress, pass_bytes=ref.pass_bytes(memory_gb), prefilter=prefilter))
     if rerank == "soft":
         index_ids, ranked = _soft(splits, test_ids, p, ctx)
