@@ -222,7 +222,8 @@ def test_our_readings_are_parameters(capsys, recognition, retrieval, tmp_path, t
     assert code == 0, err
     run_api = pipeline.recognition_from_store if track == "recognition" else pipeline.retrieval_from_store
     want = run_api(paths["store"], paths["train_labels"], progress=False, **api)
-    default = run_api(paths["store"], paths["train_labels"], progress=False, **{k: api[k] for k in api if k == "rerank"})
+    default = run_api(paths["store"], paths["train_labels"], progress=False,
+                      **{k: v for k, v in api.items() if k == "rerank"})  # the same re-ranking, default readings
     got = submission.read_submission(track, out)
     if track == "retrieval":
         want, default = ({q: v or None for q, v in p.items()} for p in (want, default))

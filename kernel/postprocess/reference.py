@@ -172,11 +172,13 @@ def recognition_reference(groups, with_bank: bool, p: dict, reuse: Reuse, kw: di
     """(train rows, bank rows or None, B(t) or None): prepared artefacts when they match, else streamed
     from the models' splits (B(t) then computed and saved to the cache)."""
     fam = {"renormalize": p["renormalize"]}
-    path = reuse.find("recognition_train.npz", lazy(recognition_fingerprint, "recognition-train", groups, ("train",), fam))
+    fp = lazy(recognition_fingerprint, "recognition-train", groups, ("train",), fam)
+    path = reuse.find("recognition_train.npz", fp)
     train = SplitRows(path) if path else family_rows(groups, "train", p["renormalize"])
     if not with_bank:
         return train, None, None
-    path = reuse.find("recognition_bank.npz", lazy(recognition_fingerprint, "recognition-bank", groups, ("nonlandmark",), fam))
+    fp = lazy(recognition_fingerprint, "recognition-bank", groups, ("nonlandmark",), fam)
+    path = reuse.find("recognition_bank.npz", fp)
     bank = SplitRows(path) if path else family_rows(groups, "nonlandmark", p["renormalize"])
     fp = lazy(recognition_fingerprint, "recognition-bias", groups, ("train", "nonlandmark"),
               {**fam, "bank_k_train": p["bank_k_train"]})
