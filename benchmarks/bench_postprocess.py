@@ -12,7 +12,7 @@
 
 Descriptors are clustered like landmark descriptors (landmark centres, views with noise; labels are the
 landmarks). The floor runs the same products in the same blocks (``kernel.search.chunk_sizes``) and the
-same dtype (bfloat16 where the search's prefilter is on, see ``kernel.search``) into one reused buffer and
+same dtype (bfloat16 where the search's prefilter is on, see ``kernel.prefilter``) into one reused buffer and
 nothing else; the all-float32 floor is reported next to it. Runs alternate (full, floor) ``--repeats`` times; fastest of each.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernel import search
+from kernel import prefilter, search
 from kernel.postprocess import knn, recognition as rec, retrieval as ret
 
 
@@ -52,8 +52,8 @@ def centres(n: int, dim: int, seed: int) -> np.ndarray:
 def product_dtype(a: np.ndarray, b: np.ndarray, k: int, scored: bool) -> torch.dtype:
     """The dtype :func:`kernel.search.topk` multiplies in: bfloat16 where its prefilter is on (plain
     searches on a CPU with fast bfloat16 products), float32 otherwise (re-scored searches)."""
-    use = search._use_prefilter("auto", torch.device("cpu"), torch.float32, (lambda *x: x) if scored else None,
-                                len(a), len(b), min(k, len(b)))
+    use = prefilter.use_prefilter("auto", torch.device("cpu"), torch.float32, (lambda *x: x) if scored else None,
+                                  len(a), len(b), min(k, len(b)))
     return torch.bfloat16 if use else torch.float32
 
 

@@ -6,7 +6,7 @@ For every database size: L2-normalised Gaussian descriptors (seeded), k = 100, D
 (faiss, ours, bare products) ``--repeats`` times so that a busy machine slows all three alike; the table
 reports the fastest run of each. "float32 products" is the floor of the float32 search: the same
 blocked matrix products without any selection; "bfloat16 products" the floor of the search with the
-bfloat16 prefilter (used where ``search.bf16_prefilter_available()``: this CPU multiplies bfloat16
+bfloat16 prefilter (used where ``kernel.prefilter.bf16_prefilter_available()``: this CPU multiplies bfloat16
 faster), which then rescores its candidates in float32. Agreement: the share of identical (query, rank) ids, the largest score
 difference, and whether every differing id is a float-rounding near-tie (exact scores within 1e-5).
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernel import search
+from kernel import prefilter as bf16, search
 
 
 def unit_gaussian(n: int, dim: int, seed: int) -> np.ndarray:
@@ -65,7 +65,7 @@ def agreement(q, d, ours, theirs) -> dict:
 def run(n_q: int, n_db: int, dim: int, k: int, repeats: int) -> dict:
     import faiss
 
-    prefilter = search._use_prefilter("auto", torch.device("cpu"), torch.float32, None, n_q, n_db, k)
+    prefilter = bf16.use_prefilter("auto", torch.device("cpu"), torch.float32, None, n_q, n_db, k)
     q = unit_gaussian(n_q, dim, 1)
     d = unit_gaussian(n_db, dim, 2)
     index = faiss.IndexFlatIP(dim)

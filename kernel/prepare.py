@@ -63,7 +63,7 @@ def prepare_retrieval(store_dir, train_labels, reuse: ref.Reuse, p: dict, kw: di
     if not splits:
         raise KernelError(f"{store_dir}: no retrieval model has both index and train descriptors")
     labels = pp.read_train_labels(train_labels)
-    ctx = {"labels_fp": prepared.labels_digest(labels)}
+    ctx = {"labels_fp": ref.labels_fingerprint(labels)}
     written = []
     for ms in splits:
         idx, train = ms.rows("index"), ms.rows("train")

@@ -6,6 +6,7 @@ import pytest
 
 from kernel import metrics, search, store, submission, synthetic
 from kernel.cli import main
+from kernel.postprocess import pipeline
 
 MODELS = ["dolg_effnet_b5_768", "hybrid_b3_swin224_896", "effnet_b6_512"]
 SMALL = dict(
@@ -58,13 +59,22 @@ def test_retrieval_postprocess_then_validate(capsys, retrieval, tmp_path, rerank
 
 
 @pytest.mark.parametrize("track", ["retrieval", "recognition"])
-def test_search_prefilter_gives_the_same_submission(capsys, retrieval, recognition, tmp_path, track):
+def test_search_prefilter_gives_the_same_submission(capsys, retrieval, recognition, tmp_path, track, monkeypatch):
+    # two runs in one process: each run's --search-prefilter reaches every search of that run and only
+    # that run (bf16 first, so a choice left behind would show in the "off" run)
     paths = retrieval if track == "retrieval" else recognition
+    seen, bf16_loops = [], []
+    real_topk, real_loop = search.topk, search.search_blocks_bf16
+    monkeypatch.setattr(search, "topk", lambda *a, **kw: seen.append(kw["prefilter"]) or real_topk(*a, **kw))
+    monkeypatch.setattr(search, "search_blocks_bf16", lambda *a: bf16_loops.append(1) or real_loop(*a))
     files = {}
-    for mode in ("off", "bf16"):
+    for mode in ("bf16", "off"):
+        seen.clear(), bf16_loops.clear()
         files[mode] = tmp_path / f"{mode}.csv"
         code, _, err = postprocess(capsys, paths, track, files[mode], "--search-prefilter", mode)
         assert code == 0, err
+        assert seen and set(seen) == {mode}
+        assert bool(bf16_loops) == (mode == "bf16")  # the plain searches (k-NN labels, the bank) ran it
     off, bf16 = (submission.read_submission(track, files[m]) for m in ("off", "bf16"))
     assert off.keys() == bf16.keys()
     if track == "retrieval":
@@ -74,7 +84,6 @@ def test_search_prefilter_gives_the_same_submission(capsys, retrieval, recogniti
             assert (pred is None) == (bf16[key] is None)
             if pred is not None:
                 assert pred[0] == bf16[key][0] and pred[1] == pytest.approx(bf16[key][1], abs=1e-5)
-    assert search.DEFAULT_PREFILTER == "bf16"  # the flag reached the search
 
 
 def test_recognition_with_broken_image_and_partial_model(capsys, recognition, tmp_path):
@@ -191,9 +200,32 @@ def test_models_of_the_other_track_are_skipped(capsys, retrieval, tmp_path):
                  "effnet_b3_768", "missing split 'test'")
 
 
-def test_our_readings_are_parameters(capsys, recognition, retrieval, tmp_path):
-    code, _, err = postprocess(capsys, recognition, "recognition", tmp_path / "a.csv", "--no-renormalize")
+def _printed(stdout: str, out, preds: dict) -> None:
+    """What ``postprocess`` prints for a submission of ``preds`` written to ``out``."""
+    lines = stdout.strip().splitlines()
+    n, predicted = len(preds), sum(1 for v in preds.values() if v)
+    assert lines[-2] == f"wrote {out}: {n} rows, {predicted} with a prediction, {n - predicted} empty"
+    summary = json.loads(lines[-1])
+    assert (summary["rows"], summary["predicted"], summary["empty"]) == (n, predicted, n - predicted)
+
+
+@pytest.mark.parametrize("track,flags,api", [
+    ("recognition", ["--no-renormalize"], dict(renormalize=False)),
+    ("retrieval", ["--rerank", "two-stage", "--conf-divisor", 1], dict(rerank="two-stage", conf_divisor=1.0)),
+])
+def test_our_readings_are_parameters(capsys, recognition, retrieval, tmp_path, track, flags, api):
+    # each flag reaches the pipeline: the submission is the API's answer under that reading (which differs
+    # from the default reading's), and the command prints what it wrote
+    paths = recognition if track == "recognition" else retrieval
+    out = tmp_path / "s.csv"
+    code, stdout, err = postprocess(capsys, paths, track, out, *flags)
     assert code == 0, err
-    code, _, err = postprocess(capsys, retrieval, "retrieval", tmp_path / "b.csv", "--rerank", "two-stage",
-                               "--conf-divisor", 1)
-    assert code == 0, err
+    run_api = pipeline.recognition_from_store if track == "recognition" else pipeline.retrieval_from_store
+    want = run_api(paths["store"], paths["train_labels"], progress=False, **api)
+    default = run_api(paths["store"], paths["train_labels"], progress=False,
+                      **{k: v for k, v in api.items() if k == "rerank"})  # the same re-ranking, default readings
+    got = submission.read_submission(track, out)
+    if track == "retrieval":
+        want, default = ({q: v or None for q, v in p.items()} for p in (want, default))
+    assert got == want and got != default
+    _printed(stdout, out, want)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernel import search
+from kernel import prefilter as bf16, search, selection
 
 
 def reference_topk(q, d, k, score=None):
@@ -44,7 +44,7 @@ def test_equals_exhaustive_search(qc, dc, prefilter):
 def test_ties_ordered_by_index_and_lowest_kept(dc, segment, prefilter, monkeypatch):
     # 0/1 vectors: integer inner products, many exact ties, straddling the k-th place, chunk and segment
     # borders; small segments force the segment-maximum filter on every block
-    monkeypatch.setattr(search, "SEGMENT", segment)
+    monkeypatch.setattr(selection, "SEGMENT", segment)
     rng = np.random.default_rng(1)
     q = rng.integers(0, 2, (40, 6)).astype(np.float32)
     d = rng.integers(0, 2, (250, 6)).astype(np.float32)
@@ -57,7 +57,7 @@ def test_ties_ordered_by_index_and_lowest_kept(dc, segment, prefilter, monkeypat
 @pytest.mark.parametrize("prefilter", PREFILTERS)
 @pytest.mark.parametrize("segment", [0, 4, 32])
 def test_segment_filter_exact_on_many_blocks(segment, prefilter, monkeypatch):
-    monkeypatch.setattr(search, "SEGMENT", segment)
+    monkeypatch.setattr(selection, "SEGMENT", segment)
     rng = np.random.default_rng(6)
     q, d = unit(rng.standard_normal((64, 16))), unit(rng.standard_normal((6000, 16)))
     # 700 = 21 segments of 32 + a tail
@@ -78,9 +78,9 @@ def test_all_equal_scores_give_first_positions(prefilter):
 
 def test_block_topk_tie_rule_by_hand():
     s = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.1, 0.5]])
-    v, i = search.block_topk(s, 3)
+    v, i = selection.block_topk(s, 3)
     assert i.tolist() == [[1, 3, 0]] and v[0].tolist() == pytest.approx([0.9, 0.9, 0.5])
-    v, i = search.block_topk(s, 10)  # k beyond the block: everything, ordered
+    v, i = selection.block_topk(s, 10)  # k beyond the block: everything, ordered
     assert i.tolist() == [[1, 3, 0, 2, 5, 4]]
 
 
@@ -123,9 +123,11 @@ def test_float16_path_exact_on_representable_data():
     np.testing.assert_array_equal(v, rv)
 
 
-def test_defaults_pick_cpu_float32_here():
-    dev = search.resolve_device(None if not torch.cuda.is_available() else "cpu")
-    assert dev.type == "cpu" and search.compute_dtype(dev) == torch.float32
+def test_default_device_and_dtype():
+    # no device: the GPU when there is one, else the CPU; an explicit "cpu" is the CPU either way
+    assert search.resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    cpu = search.resolve_device("cpu")
+    assert cpu == torch.device("cpu") and search.compute_dtype(cpu) == torch.float32
     assert search.compute_dtype(torch.device("cuda")) == torch.float16
     qc, dc = search.chunk_sizes(10, 10**6, 100, torch.device("cpu"))
     assert qc == 10 and dc * qc <= search.CPU_BLOCK_ELEMENTS * 2
@@ -164,12 +166,12 @@ def test_prefilter_error_bound_holds():
     ]
     for q, d in cases:
         q, d = torch.from_numpy(q), torch.from_numpy(d)
-        bdb = search._Bf16Database(d)
+        bdb = bf16.Bf16Database(d)
         q16 = q.bfloat16()
         s = torch.mm(q16, bdb.bf16.T).double()
         f = (q.double() @ d.double().T)
         e = bdb.bound(q, q16)
-        assert bool(((s - f).abs() <= search._BF16_C * s.abs() + e[:, None]).all())
+        assert bool(((s - f).abs() <= bf16._BF16_C * s.abs() + e[:, None]).all())
 
 
 @pytest.mark.parametrize("dc", [5, 64, 1000])
@@ -205,13 +207,13 @@ def test_prefilter_duplicates_and_large_norms():
 
 def test_prefilter_choice():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    big = search.PREFILTER_MIN_PAIRS
-    assert not search._use_prefilter("auto", cpu, torch.float32, None, 10, 100, 5)  # too small to pay
-    assert not search._use_prefilter("bf16", cpu, torch.float32, lambda *a: a[0], 10**4, 10**5, 5)  # score_fn
-    assert not search._use_prefilter("bf16", cuda, torch.float16, None, 10**4, 10**5, 5)  # GPUs: fp16 search
-    assert not search._use_prefilter("bf16", cpu, torch.float32, None, 10, 5, 5)  # k covers the database
-    assert search._use_prefilter("bf16", cpu, torch.float32, None, 10, 100, 5)
-    assert search._use_prefilter("auto", cpu, torch.float32, None, big, 10**5, 5) == search.bf16_prefilter_available()
+    big = bf16.PREFILTER_MIN_PAIRS
+    assert not bf16.use_prefilter("auto", cpu, torch.float32, None, 10, 100, 5)  # too small to pay
+    assert not bf16.use_prefilter("bf16", cpu, torch.float32, lambda *a: a[0], 10**4, 10**5, 5)  # score_fn
+    assert not bf16.use_prefilter("bf16", cuda, torch.float16, None, 10**4, 10**5, 5)  # GPUs: fp16 search
+    assert not bf16.use_prefilter("bf16", cpu, torch.float32, None, 10, 5, 5)  # k covers the database
+    assert bf16.use_prefilter("bf16", cpu, torch.float32, None, 10, 100, 5)
+    assert bf16.use_prefilter("auto", cpu, torch.float32, None, big, 10**5, 5) == bf16.bf16_prefilter_available()
     with pytest.raises(ValueError, match="prefilter"):
         search.topk(np.ones((2, 4), np.float32), np.ones((5, 4), np.float32), 2, prefilter="int8")
 

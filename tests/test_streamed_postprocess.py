@@ -244,6 +244,47 @@ def test_stale_artefact_is_recomputed_and_said(worlds, tmp_path, caplog):
     assert cached and all(prepared.read_fingerprint(tmp_path / "cache" / c)["train_labels"] for c in cached)
 
 
+def test_reuse_evaluates_a_fingerprint_only_with_a_file_to_compare_or_to_write(tmp_path, caplog):
+    calls = []
+    fp = reference.lazy(lambda: calls.append(1) or {"kind": "x"})
+    reuse = reference.Reuse(dirs=[tmp_path / "p"], cache=None)
+    assert reuse.find("a.npz", fp) is None
+    reuse.save("a.npz", fp, ["i0"], conf=np.zeros(1))  # no cache: nothing written, nothing computed
+    assert calls == [] and not (tmp_path / "p").exists()
+    reference.Reuse(dirs=[], cache=tmp_path / "p").save("a.npz", fp, ["i0"], conf=np.zeros(1))
+    assert calls == [1] and prepared.read_fingerprint(tmp_path / "p" / "a.npz") == {"kind": "x"}
+    assert reuse.find("a.npz", fp) == tmp_path / "p" / "a.npz" and calls == [1]  # computed once
+    with caplog.at_level(logging.WARNING):
+        assert reuse.find("a.npz", reference.lazy(lambda: {"kind": "y"})) is None  # stale: said, not used
+    assert any("does not match" in r.getMessage() and "kind" in r.getMessage() for r in caplog.records)
+
+
+def test_no_fingerprint_without_prepared_folder_or_cache(worlds, tmp_path, monkeypatch, caplog):
+    """No prepared folder and nothing saved: no ids hashed, no labels digested; saving and a stale
+    artefact still compute them."""
+    calls = []
+    for name in ("split_fingerprint", "labels_digest"):
+        real = getattr(prepared, name)
+        monkeypatch.setattr(prepared, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    rp, tp = worlds["recognition"], worlds["retrieval"]
+    assert not prepared.prepared_dir(rp["store"]).exists() and not prepared.prepared_dir(tp["store"]).exists()
+    pipeline.recognition_from_store(rp["store"], rp["train_labels"], progress=False)
+    for rerank in ("soft", "two-stage"):
+        pipeline.retrieval_from_store(tp["store"], tp["train_labels"], rerank=rerank, progress=False)
+    assert calls == []
+    want = pipeline.retrieval_from_store(tp["store"], tp["train_labels"], progress=False, knn_k=2,
+                                         cache_dir=tmp_path / "c")
+    assert {"split_fingerprint", "labels_digest"} <= set(calls)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted(
+        f"retrieval_{m}.npz" for m in store.list_models(tp["store"]))
+    with caplog.at_level(logging.WARNING):  # knn_k 3 (the default) against artefacts of knn_k 2
+        got = pipeline.retrieval_from_store(tp["store"], tp["train_labels"], progress=False,
+                                            prepared_dirs=[tmp_path / "c"])
+    stale = [r.getMessage() for r in caplog.records if "does not match" in r.getMessage()]
+    assert len(stale) == len(store.list_models(tp["store"])) and all("params.knn_k" in m for m in stale)
+    assert got == pipeline.retrieval_from_store(tp["store"], tp["train_labels"], progress=False) != want
+
+
 def test_split_rows_reads_blocks_and_reports_bad_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(kernel.rows, "READ_ROWS", 4)
     emb = np.random.default_rng(0).standard_normal((30, 8)).astype(np.float16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 
-from kernel import search, submission
+from kernel import prefilter, submission
 from kernel.memory import peak_rss_gib
 from kernel.postprocess import pipeline
 
@@ -30,7 +30,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prepared", action="append", default=None, metavar="DIR",
                         help="folder of prepared artefacts (python -m kernel prepare); default STORE/prepared; "
                              "repeatable. Used only where their fingerprints match")
-    parser.add_argument("--search-prefilter", default="auto", choices=list(search.PREFILTERS),
+    parser.add_argument("--search-prefilter", default="auto", choices=list(prefilter.PREFILTERS),
                         help="CPU k-NN: score in bfloat16, rescore the candidates in float32 (same exact result; "
                              "auto: where this CPU has fast bfloat16 products; off: float32 throughout)")
     g = parser.add_argument_group("constants (SPEC section 4; defaults are the papers' values)")
@@ -53,14 +53,13 @@ def run(args) -> int:
 
     output_file(args.out, "--out", inputs=[args.store, args.train_labels])
     progress = not args.no_progress
-    search.DEFAULT_PREFILTER = args.search_prefilter
     if args.track == "retrieval":
         params = dict(knn_k=args.knn_k, down_weight=args.down_weight, soft_keep=args.soft_keep,
                       n_results=args.n_results, insert_threshold=args.insert_threshold,
                       conf_divisor=args.conf_divisor)
         preds = pipeline.retrieval_from_store(
             args.store, args.train_labels, models=args.models, rerank=args.rerank, device=args.device,
-            progress=progress, prepared_dirs=args.prepared, memory_gb=args.memory_gb,
+            progress=progress, prepared_dirs=args.prepared, memory_gb=args.memory_gb, prefilter=args.search_prefilter,
             **{k: v for k, v in params.items() if v is not None},
         )
     else:
@@ -68,7 +67,8 @@ def run(args) -> int:
                       renormalize=False if args.no_renormalize else None)
         preds = pipeline.recognition_from_store(
             args.store, args.train_labels, models=args.models, device=args.device, progress=progress,
-            prepared_dirs=args.prepared, memory_gb=args.memory_gb, **{k: v for k, v in params.items() if v is not None},
+            prepared_dirs=args.prepared, memory_gb=args.memory_gb, prefilter=args.search_prefilter,
+            **{k: v for k, v in params.items() if v is not None},
         )
     test_ids = list(preds)
     submission.write_submission(args.track, preds, test_ids, args.out)

@@ -19,7 +19,6 @@ import pandas as pd
 
 from kernel import search, store
 from kernel.errors import KernelError
-from kernel.postprocess import prepared
 from kernel.postprocess import reference as ref
 from kernel.postprocess import recognition as rec
 from kernel.postprocess import retrieval as ret
@@ -149,6 +148,7 @@ def retrieval_from_store(
     prepared_dirs=None,
     cache_dir=None,
     memory_gb: float | None = None,
+    prefilter: str = "auto",
     **params,
 ) -> dict[str, list[str]]:
     """Retrieval answers for every test id of the store: query id -> up to ``n_results`` index ids.
@@ -159,7 +159,8 @@ def retrieval_from_store(
     ``train`` of every model; ``index`` and ``train`` are streamed from disk (``memory_gb`` sizes the
     passes, :func:`kernel.postprocess.reference.pass_bytes`). The index images' k-NN labels come from a prepared artefact of
     ``prepared_dirs`` (default ``STORE/prepared``) when its fingerprint matches, else are computed (and
-    saved in ``cache_dir`` when given).
+    saved in ``cache_dir`` when given). ``prefilter``: every search's ``prefilter``
+    (:func:`kernel.search.topk`: ``auto``, ``bf16`` or ``off``).
     """
     if rerank not in RERANKS:
         raise KernelError(f"unknown re-ranking '{rerank}' (choose from {', '.join(RERANKS)})")
@@ -175,8 +176,8 @@ def retrieval_from_store(
         rerank, len(metas), dev, len(test_ids),
     )
     ctx = dict(reuse=ref.Reuse.of(store_dir, prepared_dirs, cache_dir), labels=labels,
-               labels_fp=prepared.labels_digest(labels) if labels is not None else None,
-               kw=dict(device=dev, progress=progress, pass_bytes=ref.pass_bytes(memory_gb)))
+               labels_fp=ref.labels_fingerprint(labels),
+               kw=dict(device=dev, progress=progress, pass_bytes=ref.pass_bytes(memory_gb), prefilter=prefilter))
     if rerank == "soft":
         index_ids, ranked = _soft(splits, test_ids, p, ctx)
     else:
@@ -274,6 +275,7 @@ def recognition_from_store(
     prepared_dirs=None,
     cache_dir=None,
     memory_gb: float | None = None,
+    prefilter: str = "auto",
     **params,
 ) -> dict[str, tuple[str, float] | None]:
     """Recognition answers for every test id of the store: id -> (landmark_id, confidence) or ``None``.
@@ -283,7 +285,7 @@ def recognition_from_store(
     ``bank_k_train`` (5), ``bank_k_query`` (10), ``clip`` ((0, 1)), ``renormalize`` (True). The train and
     bank family descriptors are computed block by block from the models' splits (never all in memory)
     or read from prepared artefacts, as is B(t) (see :func:`retrieval_from_store` for ``prepared_dirs``,
-    ``cache_dir``, ``memory_gb``).
+    ``cache_dir``, ``memory_gb``, ``prefilter``).
     """
     p = resolve_params(RECOGNITION_PARAMS, params)
     dev = search.resolve_device(device)
@@ -305,7 +307,7 @@ def recognition_from_store(
     if any(with_bank) and not all(with_bank):
         lacking = next(ms for g in groups for ms in g if not ms.has("nonlandmark"))
         raise KernelError(f"{lacking.path('nonlandmark')}: missing split 'nonlandmark' (other models have one)")
-    kw = dict(device=dev, progress=progress, pass_bytes=ref.pass_bytes(memory_gb))
+    kw = dict(device=dev, progress=progress, pass_bytes=ref.pass_bytes(memory_gb), prefilter=prefilter)
     have, test = _family_queries(groups, test_ids, p["renormalize"], dev)
     train, bank, bias = ref.recognition_reference(groups, all(with_bank), p, ref.Reuse.of(store_dir, prepared_dirs, cache_dir), kw)
     codes_of: dict = {}

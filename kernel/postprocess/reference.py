@@ -4,13 +4,17 @@ Everything here is test-independent. Each piece comes from a prepared artefact
 (:mod:`kernel.postprocess.prepared`, written by ``python -m kernel prepare``) when one matches the
 current inputs. Otherwise it is computed from the models' splits, streamed block by block
 (:mod:`kernel.rows`), and saved to the run's cache (:class:`Reuse`) so that it is computed once.
+Fingerprints are computed lazily (:data:`Fingerprint`): hashing every model's ids costs about a second
+per 1.58 M rows, worth paying only when an artefact file is there to compare or one is saved.
 :mod:`kernel.postprocess.pipeline` and :mod:`kernel.prepare` both build on these functions.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -23,6 +27,15 @@ from kernel.rows import FamilyRows, SplitRows
 logger = logging.getLogger(__name__)
 
 FAMILY_ORDER = ("dolg", "hybrid", "effnet")
+
+#: an artefact's fingerprint (:func:`kernel.postprocess.prepared.fingerprint`), computed on the first call
+#: and remembered (:func:`lazy`)
+Fingerprint = Callable[[], dict]
+
+
+def lazy(compute: Callable, *args) -> Callable:
+    """``compute(*args)``, evaluated on the first call only and remembered."""
+    return functools.cache(functools.partial(compute, *args))
 
 
 def codes(values, codes_of: dict) -> np.ndarray:
@@ -65,13 +78,18 @@ class Reuse:
         cache = Path(cache_dir) if cache_dir else None
         return cls(dirs + ([cache] if cache and cache not in dirs else []), cache)
 
-    def find(self, name: str, fp: dict) -> Path | None:
-        return prepared.find(self.dirs, name, fp)
+    def find(self, name: str, fp: Fingerprint) -> Path | None:
+        """The first ``<dir>/<name>`` whose fingerprint is ``fp()``; ``fp`` is evaluated only when some
+        folder holds a file of that name."""
+        if not any((Path(d) / name).is_file() for d in self.dirs):
+            return None
+        return prepared.find(self.dirs, name, fp())
 
-    def save(self, name: str, fp: dict, ids, **arrays) -> None:
+    def save(self, name: str, fp: Fingerprint, ids, **arrays) -> None:
+        """Write an artefact to the cache (``fp`` evaluated then); nothing without a cache."""
         if self.cache is not None:
             self.cache.mkdir(parents=True, exist_ok=True)
-            prepared.write(self.cache / name, fp, ids, **arrays)
+            prepared.write(self.cache / name, fp(), ids, **arrays)
 
 
 def pass_bytes(memory_gb: float | None) -> int | None:
@@ -83,7 +101,7 @@ def pass_bytes(memory_gb: float | None) -> int | None:
     return int(min(1 << 30, max(64 << 20, memory_gb * (1 << 30) / 16)))
 
 
-def labels_artefact(reuse: Reuse, name: str, fp: dict, ids: np.ndarray, codes_of: dict, compute):
+def labels_artefact(reuse: Reuse, name: str, fp: Fingerprint, ids: np.ndarray, codes_of: dict, compute):
     """k-NN (labels, conf) of database rows ``ids``: from a prepared artefact when one matches ``fp``,
     else ``compute()`` (saved to the cache)."""
     path = reuse.find(name, fp)
@@ -98,11 +116,21 @@ def labels_artefact(reuse: Reuse, name: str, fp: dict, ids: np.ndarray, codes_of
     return lab, conf
 
 
-def knn_fingerprint(kind: str, splits, p: dict, labels_fp: str) -> dict:
-    """Fingerprint of k-NN labels of the index computed by ``splits`` against their train splits."""
-    models = [prepared.model_fingerprint(ms.meta, ms.store, ("index", "train")) for ms in splits]
-    return prepared.fingerprint(kind, models, {"knn_k": p["knn_k"], "conf_divisor": p["conf_divisor"]},
-                                labels=labels_fp)
+def labels_fingerprint(labels: pd.Series | None) -> Callable[[], str | None]:
+    """The train labels' digest (:func:`kernel.postprocess.prepared.labels_digest`), computed on first
+    use; ``None`` without labels."""
+    return lazy(prepared.labels_digest, labels) if labels is not None else lambda: None
+
+
+def knn_fingerprint(kind: str, splits, p: dict, labels_fp: Callable[[], str | None]) -> Fingerprint:
+    """Fingerprint of k-NN labels of the index computed by ``splits`` against their train splits
+    (``labels_fp``: :func:`labels_fingerprint`)."""
+    def compute() -> dict:
+        models = [prepared.model_fingerprint(ms.meta, ms.store, ("index", "train")) for ms in splits]
+        return prepared.fingerprint(kind, models, {"knn_k": p["knn_k"], "conf_divisor": p["conf_divisor"]},
+                                    labels=labels_fp())
+
+    return lazy(compute)
 
 
 def aligned_rows(splits, split: str) -> list[SplitRows]:
@@ -144,13 +172,16 @@ def recognition_reference(groups, with_bank: bool, p: dict, reuse: Reuse, kw: di
     """(train rows, bank rows or None, B(t) or None): prepared artefacts when they match, else streamed
     from the models' splits (B(t) then computed and saved to the cache)."""
     fam = {"renormalize": p["renormalize"]}
-    path = reuse.find("recognition_train.npz", recognition_fingerprint("recognition-train", groups, ("train",), fam))
+    fp = lazy(recognition_fingerprint, "recognition-train", groups, ("train",), fam)
+    path = reuse.find("recognition_train.npz", fp)
     train = SplitRows(path) if path else family_rows(groups, "train", p["renormalize"])
     if not with_bank:
         return train, None, None
-    path = reuse.find("recognition_bank.npz", recognition_fingerprint("recognition-bank", groups, ("nonlandmark",), fam))
+    fp = lazy(recognition_fingerprint, "recognition-bank", groups, ("nonlandmark",), fam)
+    path = reuse.find("recognition_bank.npz", fp)
     bank = SplitRows(path) if path else family_rows(groups, "nonlandmark", p["renormalize"])
-    fp = recognition_fingerprint("recognition-bias", groups, ("train", "nonlandmark"), {**fam, "bank_k_train": p["bank_k_train"]})
+    fp = lazy(recognition_fingerprint, "recognition-bias", groups, ("train", "nonlandmark"),
+              {**fam, "bank_k_train": p["bank_k_train"]})
     path = reuse.find("recognition_bias.npz", fp)
     if path is not None:
         ids, bias = prepared.load_arrays(path, "ids", "bias")
