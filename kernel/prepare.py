@@ -97,7 +97,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=None, help="folder for the artefacts (default: STORE/prepared)")
     p.add_argument("--family-dtype", choices=["float32", "float16"], default="float32",
                    help="stored dtype of the recognition family descriptors (float32: exactly what the CPU "
-                        "path computes; float16: half the disk, what a GPU search computes in anyway)")
+                        "path computes; float16: half the disk, the searches then see float16-rounded descriptors)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--memory-gb", type=number(float, 0, exclusive_min=True), default=10.0,
                    help="process memory budget (sizes the passes)")

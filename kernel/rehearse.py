@@ -13,8 +13,9 @@ The store is kept (``--out``) and reused by a later rehearsal of the same sizes.
 
 Kaggle projection (our model, stated): the post-processing time is its similarity products on the GPU at
 ``GPU_TFLOPS`` x ``GPU_EFFICIENCY`` plus reading the stored descriptors at ``READ_MBS``; the constants
-are assumptions (T4 fp16 tensor-core peak 65 TFLOPS, a quarter of it reached by the blocked products
-with their selections; 200 MB/s from a Kaggle dataset mount), not measurements.
+are assumptions (the T4's float32 peak, 8.1 TFLOPS, since the search multiplies in float32 on a GPU too,
+half of it reached by the blocked products with their selections; 200 MB/s from a Kaggle dataset mount),
+not measurements.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ HELP = "write a synthetic store at the real scale and run both tracks' post-proc
 
 #: the 2021 recognition ensemble (the first eight of the nine; the retrieval run uses those of them serving it)
 MODELS = tuple(m for m in ENSEMBLE if "recognition" in m[2])
-GPU_TFLOPS = 65.0  # T4 fp16 tensor-core peak (assumed reachable fraction below)
-GPU_EFFICIENCY = 0.25
+GPU_TFLOPS = 8.1  # T4 float32 peak (NVIDIA T4 datasheet): the search's products are float32
+GPU_EFFICIENCY = 0.5  # assumed reachable fraction of it
 READ_MBS = 200.0  # stored descriptors read from the dataset mount, MB/s (assumed)
 BLOCK = 1 << 16  # rows generated and written at a time
 

@@ -7,9 +7,11 @@ selection of its best ``k`` (wide blocks keep that selection cheap next to the p
 selection over the blocks' candidates gives every query's answer. The result is exactly that of an
 exhaustive search:
 
-* float32 on a CPU; on a GPU the descriptors live in float16 (half the memory, twice the speed of the
-  P100's fp16 units) and the block scores are turned to float32 before any further arithmetic, so the
-  result equals an exhaustive search over the float16 similarities;
+* float32 products everywhere, on a GPU too (IEEE float32: TF32 is switched off for the search), so a GPU
+  gives the CPU's answers. float16 products were the P100-era default; on an H100 they changed the top-k
+  order of near-ties and the confidences by up to 1e-3 (tests on the GPU, BENCHMARKS.md), and the float32
+  products of the competition's searches take minutes on a T4 next to hours of extraction. ``dtype=`` still
+  selects another compute dtype for a caller who accepts that;
 * ties are broken deterministically: equal scores are ordered by ascending database position, and when
   equal scores straddle the k-th place the lowest positions are the ones kept;
 * on CPUs with fast bfloat16 products, plain searches score in bfloat16 and rescore in float32 only the
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -44,7 +47,7 @@ logger = logging.getLogger(__name__)
 ScoreFn = Callable[[torch.Tensor, slice, slice], torch.Tensor]
 
 #: elements of one score block (float32): 2^25 = 128 MiB on a CPU (2048 queries x 16 Ki columns),
-#: 2^27 on a GPU (fp16 product, then a float32 copy: 768 MiB).
+#: 2^27 = 512 MiB on a GPU.
 CPU_BLOCK_ELEMENTS = 1 << 25
 GPU_BLOCK_ELEMENTS = 1 << 27
 
@@ -57,8 +60,19 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """float16 on a GPU, float32 on a CPU."""
-    return torch.float16 if device.type == "cuda" else torch.float32
+    """The default compute dtype of the products: float32 on every device (see the module docstring)."""
+    return torch.float32
+
+
+@contextmanager
+def exact_float32():
+    """IEEE float32 matrix products for the duration (no TF32 on GPUs that have it), restored afterwards."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def to_device(x, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -129,7 +143,7 @@ def topk(
             about ``pass_bytes`` bytes in the compute dtype; the result is the same, see :func:`_topk_rows`).
         k: neighbours per query; fewer when the database is smaller.
         device: torch device; ``None`` picks CUDA when available, else the CPU.
-        dtype: compute dtype of the matrix products; default float16 on CUDA, float32 on a CPU.
+        dtype: compute dtype of the matrix products; default float32 (on a GPU too, see above).
         score_fn: ``score_fn(block, query_rows, db_cols)`` turns a float32 similarity block into scores.
         query_chunk, db_chunk, block_elements: block shape; by default a block holds about
             ``CPU_BLOCK_ELEMENTS`` float32 scores on a CPU (2^25: 128 MiB) and ``GPU_BLOCK_ELEMENTS`` on a
@@ -170,10 +184,11 @@ def topk(
     bar = tqdm(total=n_q, desc=desc, unit="q", disable=not progress, leave=False)
     threads = torch.get_num_threads()
     try:
-        if bf16:
-            search_blocks_bf16(q_all, Bf16Database(db), kk, qc, dc, out_v, out_i, bar, threads)
-        else:
-            _search_blocks(q_all, product, score_fn, kk, qc, dc, dev, dt, out_v, out_i, bar, threads)
+        with exact_float32():
+            if bf16:
+                search_blocks_bf16(q_all, Bf16Database(db), kk, qc, dc, out_v, out_i, bar, threads)
+            else:
+                _search_blocks(q_all, product, score_fn, kk, qc, dc, dev, dt, out_v, out_i, bar, threads)
     finally:
         torch.set_num_threads(threads)
         bar.close()

@@ -103,7 +103,7 @@ def test_score_fn_is_exact_and_sees_positions():
 
     def fn(block, rows, cols):
         calls.append((rows.start, rows.stop, cols.start, cols.stop, tuple(block.shape)))
-        return block.clamp_(0, 1).sub_(torch.as_tensor(bias[cols]))
+        return block.clamp_(0, 1).sub_(torch.as_tensor(bias[cols], device=block.device))
 
     v, i = search.topk(q, d, 5, score_fn=fn, query_chunk=5, db_chunk=16)
     rv, ri = reference_topk(q, d, 5, score=lambda s: np.clip(s, 0, 1) - bias[None, :])
@@ -128,9 +128,29 @@ def test_default_device_and_dtype():
     assert search.resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
     cpu = search.resolve_device("cpu")
     assert cpu == torch.device("cpu") and search.compute_dtype(cpu) == torch.float32
-    assert search.compute_dtype(torch.device("cuda")) == torch.float16
+    # float32 products on a GPU too: the GPU's answers are the CPU's (float16 moved near-ties on an H100)
+    assert search.compute_dtype(torch.device("cuda")) == torch.float32
     qc, dc = search.chunk_sizes(10, 10**6, 100, torch.device("cpu"))
     assert qc == 10 and dc * qc <= search.CPU_BLOCK_ELEMENTS * 2
+
+
+def test_search_runs_in_ieee_float32_and_restores_the_callers_precision():
+    seen = []
+    rng = np.random.default_rng(4)
+    q, d = unit(rng.standard_normal((5, 8))), unit(rng.standard_normal((40, 8)))
+
+    def fn(block, rows, cols):
+        seen.append(torch.get_float32_matmul_precision())
+        return block
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # a notebook that allowed TF32 for its models
+        search.topk(q, d, 3, score_fn=fn)
+        assert seen and set(seen) == {"highest"}  # no TF32 inside the search
+        assert torch.get_float32_matmul_precision() == "high"  # the caller's setting is back
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_same_results_as_faiss_flat_ip():
