@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from kernel.devices import resolve_device
 from kernel.errors import KernelError
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ def extract_devices(device=None) -> list[torch.device]:
     ``None``/"auto": ``$KERNEL_EXTRACT_DEVICES`` when set, else every visible GPU (``CUDA_VISIBLE_DEVICES``
     narrows them), else the CPU. ``"cuda"``: every visible GPU. ``"cuda:N"`` or ``"cpu"``: that one device.
     """
-    from kernel.extract import resolve_device
-
     if device in (None, "", "auto"):
         forced = os.environ.get(ENV_DEVICES, "").strip()
         if forced:
@@ -61,8 +60,7 @@ def extract_devices(device=None) -> list[torch.device]:
                 return [resolve_device(d) for d in names]
             except KernelError as exc:
                 raise KernelError(f"${ENV_DEVICES}={forced!r}: {exc}") from None
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = resolve_device(device)
+    dev = resolve_device(device)  # None: "cuda" (every visible GPU) when there is one, else the CPU
     if dev.type == "cuda" and dev.index is None:
         return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     return [dev]

@@ -180,7 +180,8 @@ def predict(
 ) -> PredictReport:
     """Run the whole job; see the module docstring. Returns a :class:`PredictReport`."""
     from kernel.data.sources import folder_source, kaggle_split
-    from kernel.extract import extract, stored_ids
+    from kernel.extract import extract
+    from kernel.store import stored_ids
     from kernel.multidevice import extract_devices
     from kernel.models import load_manifest, select
     from kernel.submission import check_submission, write_submission

@@ -35,6 +35,7 @@ import torch
 
 from kernel.descriptor_checks import check_dtype, check_rows
 from kernel.errors import KernelError
+from kernel.store import read_ids
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +116,7 @@ class SplitRows(Rows):
         if not self.path.is_file():
             raise KernelError(f"{self.path}: descriptor file not found")
         try:
-            with np.load(self.path, allow_pickle=False) as z:
-                if "ids" not in z or "embeddings" not in z:
-                    raise KernelError(f"{self.path}: descriptor file must hold 'ids' and 'embeddings' "
-                                      f"(has {list(z.keys())})")
-                self.ids = z["ids"].astype(str)
+            self.ids = read_ids(self.path)
             self.layout = npz_member_layout(self.path, "embeddings.npy")
             self.memory = None
             if self.layout is None:

@@ -52,11 +52,7 @@ CPU_BLOCK_ELEMENTS = 1 << 25
 GPU_BLOCK_ELEMENTS = 1 << 27
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` -> the first CUDA GPU when there is one, else the CPU."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+from kernel.devices import resolve_device  # noqa: E402,F401  (kept importable as search.resolve_device)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

@@ -6,19 +6,24 @@ Layout::
     STORE/<model_name>/<split>.npz          ids (str, N) + embeddings (N x dim, L2-normalised rows)
     STORE/<model_name>/<split>.parts/       shards of an extraction still in progress (part-*.npz)
     STORE/failures/<split>.csv              images that could not be decoded: id,reason
+    STORE/failures/<split>.shard-i-of-n.csv ... found by shard i of n of an offline extraction
 
 Every write is atomic (write to a temporary file in the same folder, then ``os.replace``), so a crash
 never leaves a half-written ``.npz``: a split file either exists complete or not at all. Extraction writes
 shards while it runs and consolidates them into ``<split>.npz`` at the end; a resumed run reads the shards
-back and skips the ids they hold. Train / index descriptors computed offline (``--shard i/n`` on many
-machines) are merged the same way.
+back and skips the ids they hold (:func:`stored_ids`). Train / index descriptors computed offline
+(``--shard i/n`` on many machines: shard i numbers its parts from ``i * PART_RANGE``) are merged the same way
+(:func:`merge_parts`).
 """
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +31,11 @@ import numpy as np
 from kernel.descriptor_checks import check_descriptors
 from kernel.errors import KernelError
 
+log = logging.getLogger(__name__)
+
 META = "meta.json"
 FAILURES_DIR = "failures"
+PART_RANGE = 1_000_000  # part numbers of shard i are i*PART_RANGE + k (shards never collide)
 
 
 def _umask() -> int:
@@ -124,16 +132,33 @@ def save_npz_streamed(path: Path, ids, dim: int, dtype, blocks, **extra: np.ndar
     return Path(path)
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+@contextmanager
+def _descriptor_file(path: Path):
+    """The open ``np.load`` of a descriptor file; :class:`KernelError` naming the file when it is unreadable
+    or lacks ``ids`` or ``embeddings``."""
     try:
         with np.load(path, allow_pickle=False) as z:
             if "ids" not in z or "embeddings" not in z:
                 raise KernelError(f"{path}: descriptor file must hold 'ids' and 'embeddings' (has {list(z.keys())})")
-            return z["ids"].astype(str), z["embeddings"]
+            yield z
     except KernelError:
         raise
     except Exception as exc:  # zip / pickle / truncated file
         raise KernelError(f"{path}: cannot read descriptor file ({type(exc).__name__}: {exc})") from None
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with _descriptor_file(path) as z:
+        return z["ids"].astype(str), z["embeddings"]
+
+
+def read_ids(path: str | Path) -> np.ndarray:
+    """The ids (str) of a descriptor file, reading only that member, never the embeddings.
+
+    Raises :class:`KernelError` naming the file when it is unreadable or not a descriptor file.
+    """
+    with _descriptor_file(Path(path)) as z:
+        return z["ids"].astype(str)
 
 
 def load_split(
@@ -164,6 +189,15 @@ def has_split(store: str | Path, model: str, split: str) -> bool:
     return split_path(store, model, split).is_file()
 
 
+def model_meta(entry: dict, sha256: str | None, dtype: str | None, dim: int) -> dict:
+    """The ``meta.json`` of a model's descriptors: what the manifest ``entry`` says of the model, the
+    checkpoint's ``sha256`` (None when unknown), the stored ``dtype`` ("float16"/"float32", None when
+    unknown) and the descriptor width ``dim``."""
+    return {"name": entry["name"], "family": entry["family"], "image_size": entry["image_size"],
+            "sha256": sha256, "checkpoint": entry["checkpoint"], "tracks": entry.get("tracks", []),
+            "backbone": entry.get("backbone"), "dim": dim, "dtype": dtype}
+
+
 def write_meta(store: str | Path, model: str, meta: dict) -> Path:
     path = Path(store) / model / META
     data = json.dumps(meta, indent=2, sort_keys=True).encode()
@@ -183,6 +217,19 @@ def read_meta(store: str | Path, model: str) -> dict:
         if field not in meta:
             raise KernelError(f"{path}: field '{field}' is missing")
     return meta
+
+
+def make_writable(store: str | Path) -> Path:
+    """Create the store folder when it is missing; :class:`KernelError` when it cannot be created or
+    written to."""
+    store = Path(store)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KernelError(f"{store}: cannot create the descriptor store ({exc.strerror or exc})") from None
+    if not os.access(store, os.W_OK):
+        raise KernelError(f"{store}: the descriptor store is not writable")
+    return store
 
 
 def list_models(store: str | Path) -> list[str]:
@@ -222,6 +269,54 @@ def read_parts(store: str | Path, model: str, split: str) -> tuple[np.ndarray, n
     return np.concatenate(ids), np.concatenate(embs), nxt
 
 
+def part_offset(shard: tuple[int, int] | None) -> int:
+    """The first part number of shard ``(i, n)`` (0 without a shard): each shard writes in its own range."""
+    return 0 if shard is None else shard[0] * PART_RANGE
+
+
+def next_part(store: str | Path, model: str, split: str, offset: int) -> int:
+    """The next free part number in ``offset .. offset + PART_RANGE`` (the range of one shard)."""
+    d = parts_dir(store, model, split)
+    nums = [int(m.group(1)) for p in (d.glob("part-*.npz") if d.is_dir() else [])
+            if (m := re.fullmatch(r"part-(\d+)", p.stem))]
+    mine = [n for n in nums if offset <= n < offset + PART_RANGE]
+    return max(mine) + 1 if mine else offset
+
+
+def stored_ids(store: str | Path, model: str, split: str) -> set[str]:
+    """Ids a model already has for the split: in ``<split>.npz`` and in readable shards (an unreadable
+    shard is skipped with a warning, as :func:`read_parts` does: its ids are computed again)."""
+    done = set()
+    pdir = parts_dir(store, model, split)
+    for p in sorted(pdir.glob("part-*.npz")) if pdir.is_dir() else []:
+        try:
+            done.update(read_ids(p).tolist())
+        except KernelError as exc:
+            log.warning("%s (its descriptors will be computed again)", exc)
+    if has_split(store, model, split):
+        done.update(read_ids(split_path(store, model, split)).tolist())
+    return done
+
+
+def discard_descriptors(store: str | Path, model: str, split: str) -> None:
+    """Remove a model's ``<split>.npz`` and its shards (``extract --overwrite``)."""
+    split_path(store, model, split).unlink(missing_ok=True)
+    pdir = parts_dir(store, model, split)
+    for p in pdir.glob("part-*.npz") if pdir.is_dir() else []:
+        p.unlink()
+
+
+def merge_parts(store: str | Path, model: str, split: str, dtype) -> Path:
+    """Merge the shards and a previous ``<split>.npz`` (its ids are kept) into ``<split>.npz``, sorted by id;
+    the stored descriptors are read in ``dtype``."""
+    for tmp in parts_dir(store, model, split).glob(".part-*.tmp"):  # a write killed half-way
+        tmp.unlink()
+    if has_split(store, model, split):
+        ids, emb = load_split(store, model, split, dtype=dtype)
+        write_part(store, model, split, next_part(store, model, split, PART_RANGE * 999), ids, emb)
+    return consolidate(store, model, split, order=sorted(stored_ids(store, model, split)))
+
+
 def consolidate(store: str | Path, model: str, split: str, order=None) -> Path:
     """Merge the shards into ``<split>.npz`` (optionally in the id order given) and remove them."""
     ids, emb, _ = read_parts(store, model, split)
@@ -247,6 +342,33 @@ def consolidate(store: str | Path, model: str, split: str, order=None) -> Path:
 
 def failures_path(store: str | Path, split: str) -> Path:
     return Path(store) / FAILURES_DIR / f"{split}.csv"
+
+
+def failures_name(split: str, shard: tuple[int, int] | None) -> str:
+    """The failure file's name of a split, or of one shard of it (``<split>.shard-i-of-n``)."""
+    return split if shard is None else f"{split}.shard-{shard[0]}-of-{shard[1]}"
+
+
+def _shard_failure_files(store: str | Path, split: str) -> list[Path]:
+    folder = failures_path(store, split).parent
+    return sorted(folder.glob(f"{split}.shard-*-of-*.csv")) if folder.is_dir() else []
+
+
+def read_all_failures(store: str | Path, split: str) -> dict[str, str]:
+    """Failures of the split, including those written by shards (``<split>.shard-i-of-n.csv``)."""
+    out = {}
+    for p in _shard_failure_files(store, split):
+        out.update(read_failures(store, p.stem))
+    out.update(read_failures(store, split))
+    return out
+
+
+def drop_merged_failure_files(store: str | Path, split: str) -> None:
+    """After a merge: remove ``failures/<split>.shard-i-of-n.csv`` whose every row is in ``<split>.csv``."""
+    merged = read_failures(store, split)
+    for p in _shard_failure_files(store, split):
+        if read_failures(store, p.stem).items() <= merged.items():
+            p.unlink()
 
 
 def write_failures(store: str | Path, split: str, failures: dict[str, str]) -> Path:

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import kernel.extract as kx
+import kernel.extract.planning
 from kernel import store as kstore
 from kernel.cli import main
 from kernel.data.sources import folder_source
@@ -200,14 +201,14 @@ def test_deadline_stops_cleanly_and_resumes(entries, tiny_weights, images, tmp_p
     st = tmp_path / "s"
     real = time.monotonic
     jump = [0.0]
-    monkeypatch.setattr(kx.time, "monotonic", lambda: real() + jump[0])
+    monkeypatch.setattr(time, "monotonic", lambda: real() + jump[0])
 
     def after_first_batch(progress):
         jump[0] = 1e6  # the clock passes the deadline while the first batch is finished
 
     s = _run(entries, tiny_weights, records, st, THREE, deadline=real() + 1000, on_batch=after_first_batch)
     assert s.stopped == "deadline" and not s.complete and s.computed == {n: 4 for n in THREE}
-    monkeypatch.setattr(kx.time, "monotonic", real)
+    monkeypatch.setattr(time, "monotonic", real)
     past = _run(entries, tiny_weights, records, st, THREE, deadline=real() - 1)
     assert past.stopped == "deadline" and sum(past.computed.values()) == 0
     done = _run(entries, tiny_weights, records, st, THREE)
@@ -297,7 +298,7 @@ def test_memory_budget_splits_models_into_groups(entries, tiny_weights, monkeypa
     one = kx.model_bytes(entries[0], tiny_weights[0])
     assert one > 0
     assert [len(g) for g in kx.plan_groups(entries, tiny_weights[0], "cpu")] == [9]
-    monkeypatch.setattr(kx, "_device_memory", lambda device: 1)
+    monkeypatch.setattr(kernel.extract.planning, "_device_memory", lambda device: 1)
     groups = kx.plan_groups(entries, tiny_weights[0], "cpu")
     assert [len(g) for g in groups] == [1] * 9
     assert [g[0]["priority"] for g in groups] == sorted(e["priority"] for e in entries)

@@ -17,6 +17,7 @@ import torch
 import kernel.extract as kx
 from kernel import multidevice as md
 from kernel import store as kstore
+from kernel.extract import loop
 from kernel.data.sources import folder_source
 from kernel.errors import KernelError
 from kernel.models import load_manifest, select
@@ -106,7 +107,7 @@ def _stop_after_one_batch():
     def stop_reason(self):
         return "deadline" if self.batches >= 1 else ""
 
-    kx._Run.stop_reason = stop_reason
+    loop._Run.stop_reason = stop_reason
 
 
 def test_deadline_stops_every_worker_and_resumes(entries, tiny_weights, images, reference, tmp_path, monkeypatch):
@@ -132,7 +133,7 @@ def _fail_on_second_worker():
         def broken(*a, **k):
             raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
 
-        kx._run_group = broken
+        loop._run_group = broken
 
 
 def test_a_failed_worker_leaves_its_share_to_the_final_pass(entries, tiny_weights, images, reference, tmp_path,

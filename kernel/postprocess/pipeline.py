@@ -126,8 +126,7 @@ def store_test_ids(store_dir, metas: list[dict]) -> list[str]:
         path = store.split_path(store_dir, meta["name"], "test")
         if not path.is_file():
             raise KernelError(f"{path}: missing split 'test' for model '{meta['name']}'")
-        with np.load(path, allow_pickle=False) as z:
-            ids.update(z["ids"].astype(str).tolist())
+        ids.update(store.read_ids(path).tolist())
     return sorted(ids)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from kernel import search
+from kernel.devices import resolve_device
 from kernel.postprocess.knn import vote
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def family_descriptors(
     an (n, D * n_families) tensor in ``dtype``. ``normalize`` False skips the final L2 normalisation
     (the SPEC marks it as our reading).
     """
-    dev = search.resolve_device(device)
+    dev = resolve_device(device)
     if n is None:
         n = families[0][0].shape[0]
     dims = [fam[0].shape[1] for fam in families]
@@ -99,7 +100,7 @@ class NonLandmarkScore:
     """``score_fn`` for :func:`kernel.search.topk`: s(q, t) = clip(cos(q, t), lo, hi) - B(t)."""
 
     def __init__(self, train_bias, clip: tuple[float, float] = CLIP, device=None):
-        self.bias = torch.as_tensor(np.asarray(train_bias, np.float32), device=search.resolve_device(device))
+        self.bias = torch.as_tensor(np.asarray(train_bias, np.float32), device=resolve_device(device))
         self.lo, self.hi = clip
 
     def __call__(self, block: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
