@@ -62,7 +62,11 @@ def extract_devices(device=None) -> list[torch.device]:
                 raise KernelError(f"${ENV_DEVICES}={forced!r}: {exc}") from None
     dev = resolve_device(device)  # None: "cuda" (every visible GPU) when there is one, else the CPU
     if dev.type == "cuda" and dev.index is None:
-        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        gpus = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        if not gpus:  # CUDA initialised, then CUDA_VISIBLE_DEVICES hid every GPU
+            raise KernelError(f"CUDA sees no GPU (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
+                              "pass --device cpu, or make a GPU visible")
+        return gpus
     return [dev]
 
 

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 import kernel.rows
+from kernel.devices import resolve_device  # noqa: F401  (also importable as search.resolve_device)
 from kernel.prefilter import Bf16Database, search_blocks_bf16, use_prefilter
 from kernel.rows import Rows
 from kernel.selection import (block_candidates, entries_above, merge_sets, order_rows, segment_max, segment_width,
@@ -50,9 +51,6 @@ ScoreFn = Callable[[torch.Tensor, slice, slice], torch.Tensor]
 #: 2^27 = 512 MiB on a GPU.
 CPU_BLOCK_ELEMENTS = 1 << 25
 GPU_BLOCK_ELEMENTS = 1 << 27
-
-
-from kernel.devices import resolve_device  # noqa: E402,F401  (kept importable as search.resolve_device)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

@@ -38,3 +38,15 @@ def test_an_unknown_device_name_is_one_clear_error():
 
 def test_search_resolves_devices_the_same_way():
     assert search.resolve_device is resolve_device
+
+
+def test_cuda_with_every_gpu_hidden_is_one_clear_error(monkeypatch):
+    # CUDA initialised, then CUDA_VISIBLE_DEVICES hid every GPU: an empty device list would crash the extraction
+    from kernel.multidevice import extract_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("KERNEL_EXTRACT_DEVICES", raising=False)
+    with pytest.raises(KernelError, match="CUDA sees no GPU .*--device cpu"):
+        extract_devices(None)
