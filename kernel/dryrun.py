@@ -71,7 +71,7 @@ def dry_run(out="dry-run", preset: str = "tiny", device=None, seed: int = 0, pro
     from kernel.extract import extract
     from kernel.models import load_manifest, select
     from kernel.models.demo import write_demo_weights
-    from kernel.predict import predict
+    from kernel.predict import PredictOptions, predict
     from kernel.sample_competition import make_competition
     from kernel.validate import validate
 
@@ -95,8 +95,9 @@ def dry_run(out="dry-run", preset: str = "tiny", device=None, seed: int = 0, pro
     results = {}
     for track, data in (("recognition", comp.recognition), ("retrieval", comp.retrieval)):
         sub = out / track / "submission.csv"
-        report = predict(track, data, manifest, weights, sub, store=store, train_labels=comp.recognition / "train.csv",
-                         work=out / track / "descriptors", device=device, progress=progress)
+        report = predict(PredictOptions(track, data, manifest, weights, sub, store=store,
+                                        train_labels=comp.recognition / "train.csv", work=out / track / "descriptors",
+                                        device=device, progress=progress))
         summary = validate(track, sub, data / "solution.csv")
         results[track] = {"submission": str(sub), "report": report.line(), "score": summary["score"],
                           "summary": summary}

@@ -1,6 +1,6 @@
 """``python -m kernel predict``: the kernel's main job, inside a deadline, always leaving a valid submission.
 
-What a run does, in order (every decision is logged with its numbers):
+What a run does, in order (every decision is logged with its numbers; :func:`predict` calls one function a step):
 
 1. Reads the competition folder (SPEC §5) and writes a valid *fallback* submission at once (every test id,
    empty predictions), atomically: from here on a run killed at any moment leaves a valid file.
@@ -18,18 +18,17 @@ What a run does, in order (every decision is logged with its numbers):
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-
 
 from kernel import store as kstore
 from kernel.budget import plan_models
 from kernel.errors import KernelError
+from kernel.predict_report import PredictReport, decide, log_path, write_log
 
 log = logging.getLogger(__name__)
 
@@ -41,51 +40,51 @@ REFERENCE_SPLITS = {"recognition": ("train",), "retrieval": ("index", "train")}
 
 
 @dataclass
-class PredictReport:
-    track: str
-    out: str
-    test_images: int
-    models: list = field(default_factory=list)  # models used in the final submission
-    dropped: list = field(default_factory=list)
-    decisions: list = field(default_factory=list)
-    submissions: int = 0  # submissions written (fallback included)
-    predicted: int = 0  # test ids with a non-empty prediction in the final file
-    failures: dict = field(default_factory=dict)
-    seconds: float = 0.0
-    finished: bool = False  # False in the log of a run that was interrupted or failed
-    started: float = field(default_factory=time.monotonic, repr=False)
+class PredictOptions:
+    """What a run is asked to do: one field per ``python -m kernel predict`` flag of the same name (``index_store``
+    is ``--index-store``), but ``progress``, the opposite of ``--no-progress``. Paths: ``str`` or ``Path``."""
 
-    def line(self) -> str:
-        return (f"predict {self.track}: {self.predicted}/{self.test_images} test images predicted with "
-                f"{len(self.models)} models ({', '.join(self.models) or 'none'}); "
-                f"{len(self.dropped)} dropped; {len(self.failures)} unreadable images; "
-                f"{self.submissions} submissions written; {self.seconds:.1f} s -> {self.out}")
+    track: str  # "recognition" or "retrieval"
+    data: str | Path  # competition folder: test/, train/ or index/, train.csv, ... (SPEC §5)
+    manifest: str | Path  # weights_manifest.json: the models, their checkpoints, tracks and priorities
+    weights: str | Path  # folder holding the checkpoints the manifest names
+    out: str | Path  # submission.csv, replaced atomically as it improves; <stem>.log.json is written beside it
+    store: str | Path | None = None  # precomputed descriptor store (train, nonlandmark, index); None: none
+    index_store: str | Path | None = None  # precomputed index descriptors kept apart; None: look in `store`
+    train_labels: str | Path | None = None  # train.csv (id,landmark_id); None: DATA/train.csv
+    work: str | Path | None = None  # working descriptor store; None: <folder of out>/<track>_descriptors
+    nonlandmark: str | Path | None = None  # non-landmark image folder, extracted when `store` has no such split
+    deadline_hours: float = 12.0  # wall-clock budget of the whole run, in hours (> 0)
+    reserve_minutes: float | None = None  # kept for the last post-processing, minutes; None: 5% of budget, <= 30
+    device: str | None = None  # "cuda", "cuda:N" or "cpu"; None: every visible GPU, else the CPU
+    models: str | list | None = None  # subset of the manifest's models (comma-separated or a list); None: all
+    chunks: int = 4  # test extraction chunks after the probe, a better submission after each (>= 1)
+    min_chunk: int = 256  # fewest test images in a chunk, in images (fewer chunks on a small test set)
+    probe_images: int | None = None  # new test images timed before planning; None: two batches, at least 16
+    batch_size: int | None = None  # images per decoded batch; None: extract's default (32 on CUDA, 8 on CPU)
+    workers: int | None = None  # decode processes; None: extract's default (one per core); 0: in this process
+    rerank: str = "soft"  # retrieval re-ranking: "soft", "two-stage" or "none"
+    progress: bool = True  # progress bars on stderr
+    memory_gb: float | None = 10.0  # memory budget of the post-processing, in GiB; None: the search's default
 
+    def check(self) -> None:
+        """Refuse a track or time budget a caller from Python could pass past argparse."""
+        if self.track not in REFERENCE_SPLITS:
+            raise KernelError(f"--track must be recognition or retrieval (got {self.track!r})")
+        if not (math.isfinite(self.deadline_hours) and self.deadline_hours > 0):
+            raise KernelError(f"--deadline-hours must be a positive number (got {self.deadline_hours})")
+        reserve = self.reserve_minutes
+        if reserve is not None and not (math.isfinite(reserve) and reserve >= 0):
+            raise KernelError(f"--reserve-minutes must be a number >= 0 (got {reserve})")
 
-def log_path(out) -> Path:
-    """``<out>.log.json`` beside the submission (``submission.csv`` -> ``submission.log.json``)."""
-    out = Path(out)
-    return out.parent / f"{out.stem}.log.json"
+    def reserve_s(self) -> float:
+        """Seconds kept free before the deadline for the last post-processing."""
+        given = self.reserve_minutes
+        return given * 60 if given is not None else min(1800.0, 0.05 * self.deadline_hours * 3600)
 
-
-def _write_log(report: PredictReport) -> None:
-    """The report so far, atomically: an interrupted run leaves the decisions it made (``finished`` false)."""
-    from kernel.store import atomic_write
-
-    report.seconds = time.monotonic() - report.started
-    data = json.dumps({k: v for k, v in report.__dict__.items() if k != "started"}, indent=2, default=str)
-    try:
-        atomic_write(log_path(report.out), lambda fh: fh.write(data.encode()))
-    except OSError as exc:  # the log never costs the submission
-        log.warning("%s: cannot write the run log (%s)", log_path(report.out), exc)
-
-
-def _decide(report: PredictReport, message: str, *args) -> None:
-    text = message % args if args else message
-    report.decisions.append(text)
-    log.info(text)
-    if report.submissions:  # from the fallback on, the log on disk follows the run
-        _write_log(report)
+    def extract_kwargs(self) -> dict:
+        """The options every extraction call of the run shares."""
+        return dict(device=self.device, batch_size=self.batch_size, workers=self.workers, progress=self.progress)
 
 
 def _link_reference(src_store: Path, work: Path, entry: dict, split: str, report: PredictReport) -> bool:
@@ -118,16 +117,16 @@ def _link_reference(src_store: Path, work: Path, entry: dict, split: str, report
         import shutil
 
         shutil.copyfile(src, dst)
-    _decide(report, "%s: using precomputed %s descriptors from %s", name, split, src)
+    decide(report, "%s: using precomputed %s descriptors from %s", name, split, src)
     return True
 
 
 def _write_meta(work: Path, entry: dict) -> None:
+    from kernel.extract.resume import descriptor_dim
+
     if not (work / entry["name"] / kstore.META).is_file():
-        kstore.write_meta(work, entry["name"], {
-            "name": entry["name"], "family": entry["family"], "group": entry.get("group", entry["family"]),
-            "image_size": entry["image_size"], "sha256": entry.get("sha256"), "checkpoint": entry["checkpoint"],
-            "tracks": entry["tracks"], "dim": 512})
+        meta = kstore.model_meta(entry, entry.get("sha256"), None, descriptor_dim(entry))
+        kstore.write_meta(work, entry["name"], meta)
 
 
 def _usable(work: Path, names: list[str], track: str) -> list[str]:
@@ -135,212 +134,265 @@ def _usable(work: Path, names: list[str], track: str) -> list[str]:
     return [n for n in names if all(kstore.has_split(work, n, s) for s in need)]
 
 
-def _postprocess(track: str, work: Path, train_labels, names: list[str], device, rerank: str, params: dict,
-                 progress: bool, reuse: dict):
-    """One post-processing of the working store. ``reuse``: ``prepared_dirs`` (the shipped stores'
-    ``prepared/`` folders, then the working one), ``cache_dir`` (where test-independent work computed
-    here is kept, so later chunks never recompute it) and ``memory_gb``."""
+def _reuse(opts: PredictOptions, work: Path) -> dict:
+    """What every post-processing reuses: ``prepared_dirs`` (the shipped stores' ``prepared/``, then the working
+    one), ``cache_dir`` (test-independent work computed here, never recomputed by later chunks), ``memory_gb``."""
+    from kernel.postprocess.prepared import prepared_dir
+
+    shipped = [prepared_dir(s) for s in (opts.store, opts.index_store) if s]
+    return dict(prepared_dirs=shipped + [prepared_dir(work)], cache_dir=prepared_dir(work), memory_gb=opts.memory_gb)
+
+
+def _postprocess(opts: PredictOptions, work: Path, train_labels: Path, names: list[str], reuse: dict) -> dict:
+    """One post-processing of the working store with the models ``names``: test id -> prediction."""
     from kernel.postprocess import pipeline
 
-    if track == "recognition":
-        return pipeline.recognition_from_store(work, train_labels, models=names, device=device, progress=progress,
-                                               **reuse, **params)
-    return pipeline.retrieval_from_store(work, train_labels, models=names, rerank=rerank, device=device,
-                                         progress=progress, **reuse, **params)
+    if opts.track == "recognition":
+        return pipeline.recognition_from_store(work, train_labels, models=names, device=opts.device,
+                                               progress=opts.progress, **reuse)
+    return pipeline.retrieval_from_store(work, train_labels, models=names, rerank=opts.rerank, device=opts.device,
+                                         progress=opts.progress, **reuse)
 
 
 def _count_predicted(predictions: dict) -> int:
     return sum(1 for v in predictions.values() if v)
 
 
-def predict(
-    track: str,
-    data,
-    manifest,
-    weights,
-    out,
-    store=None,
-    index_store=None,
-    train_labels=None,
-    work=None,
-    nonlandmark=None,
-    deadline_hours: float = 12.0,
-    reserve_minutes: float | None = None,
-    device=None,
-    models=None,
-    chunks: int = 4,
-    min_chunk: int = 256,
-    probe_images: int | None = None,
-    batch_size: int | None = None,
-    workers: int | None = None,
-    rerank: str = "soft",
-    params: dict | None = None,
-    progress: bool = True,
-    memory_gb: float | None = 10.0,
-) -> PredictReport:
-    """Run the whole job; see the module docstring. Returns a :class:`PredictReport`."""
-    from kernel.data.sources import folder_source, kaggle_split
-    from kernel.extract import extract
-    from kernel.store import stored_ids
+def predict(opts: PredictOptions) -> PredictReport:
+    """Run the whole job, one function a step (see the module docstring). Returns a :class:`PredictReport`."""
     from kernel.multidevice import extract_devices
-    from kernel.models import load_manifest, select
-    from kernel.submission import check_submission, write_submission
 
     t0 = time.monotonic()
-    if track not in REFERENCE_SPLITS:
-        raise KernelError(f"--track must be recognition or retrieval (got {track!r})")
-    if not (math.isfinite(deadline_hours) and deadline_hours > 0):
-        raise KernelError(f"--deadline-hours must be a positive number (got {deadline_hours})")
-    if reserve_minutes is not None and not (math.isfinite(reserve_minutes) and reserve_minutes >= 0):
-        raise KernelError(f"--reserve-minutes must be a number >= 0 (got {reserve_minutes})")
-    deadline = t0 + deadline_hours * 3600
-    reserve = (reserve_minutes * 60) if reserve_minutes is not None else min(1800.0, 0.05 * deadline_hours * 3600)
-    _check_paths(out, data, manifest, weights, store, index_store, train_labels, nonlandmark, work)
-    data, out = Path(data), Path(out)
-    params = dict(params or {})
-
-    entries = select(load_manifest(manifest), models, track)
-    if not entries:
-        raise KernelError(f"{manifest}: no model of the manifest serves the {track} track")
-    priority = {e["name"]: e["priority"] for e in entries}
-    test = kaggle_split(data, "test")
-    report = PredictReport(track=track, out=str(out), test_images=len(test), started=t0)
-    test = _writable(test, report)
+    entries, test, report = open_run(opts, t0)
+    deadline = t0 + opts.deadline_hours * 3600
+    stop_at = deadline - opts.reserve_s()  # extraction stops here, leaving the reserve to post-processing
     test_ids = [r.id for r in test]
-    if not test_ids:
-        raise KernelError(f"{data / 'test'}: no test images")
+    write_fallback(opts.track, test_ids, Path(opts.out), report)
+    train_labels, work = labels_and_work(opts, report)
+    records, missing = reference_descriptors(opts, entries, work, report)
+    measured = probe(opts, entries, test, work, report)
+    kept = plan_after_probe(measured, entries, {s: len(r) for s, r in records.items()}, missing,
+                            len(extract_devices(opts.device)), deadline - time.monotonic(), opts.reserve_s(), report)
+    extract_references(opts, kept, records, missing, work, stop_at, report)
+    final = extract_test_in_chunks(opts, kept, measured, test_ids, work, train_labels, stop_at, report)
+    finish(opts.track, Path(opts.out), test_ids, final, report)
+    return report
 
-    # 1. a valid submission before anything can go wrong
+
+def open_run(opts: PredictOptions, started: float) -> tuple[list[dict], list, PredictReport]:
+    """Check the options; read the track's manifest entries and the test records a submission can hold."""
+    from kernel.cli import output_file
+    from kernel.data.sources import kaggle_split
+    from kernel.models import load_manifest, select
+
+    opts.check()
+    inputs = [opts.data, opts.manifest, opts.weights, opts.store, opts.index_store, opts.train_labels,
+              opts.nonlandmark, opts.work]  # --out (and the log beside it): a regular file path, none of these
+    output_file(opts.out, "--out", inputs=inputs, side_files=[log_path(opts.out)])
+    entries = select(load_manifest(opts.manifest), opts.models, opts.track)
+    if not entries:
+        raise KernelError(f"{opts.manifest}: no model of the manifest serves the {opts.track} track")
+    data = Path(opts.data)
+    test = kaggle_split(data, "test")
+    report = PredictReport(track=opts.track, out=str(Path(opts.out)), test_images=len(test), started=started)
+    test = _writable(test, report)
+    if not test:
+        raise KernelError(f"{data / 'test'}: no test images")
+    return entries, test, report
+
+
+def write_fallback(track: str, test_ids: list[str], out: Path, report: PredictReport) -> None:
+    """Step 1: every test id with an empty prediction, before anything can go wrong; the log follows from here."""
+    from kernel.submission import write_submission
+
     out.parent.mkdir(parents=True, exist_ok=True)
     write_submission(track, {}, test_ids, out)
     report.submissions += 1
-    _decide(report, "fallback submission (%d rows, empty predictions) written to %s", len(test_ids), out)
+    decide(report, "fallback submission (%d rows, empty predictions) written to %s", len(test_ids), out)
 
-    train_labels = Path(train_labels) if train_labels else data / "train.csv"
+
+def labels_and_work(opts: PredictOptions, report: PredictReport) -> tuple[Path, Path]:
+    """The train labels, checked while only the fallback exists, and the working store, created."""
+    from kernel.labels import read_train_labels
+
+    train_labels = Path(opts.train_labels) if opts.train_labels else Path(opts.data) / "train.csv"
     if not train_labels.is_file():
         raise KernelError(f"{train_labels}: train labels (id,landmark_id) not found; pass --train-labels")
-    _check_labels(train_labels, report)  # before any submission that depends on them
-    work = Path(work) if work else out.parent / f"{track}_descriptors"
+    labels = read_train_labels(train_labels)
+    decide(report, "train labels %s: %d images, %d landmarks", train_labels, len(labels), labels.nunique())
+    work = Path(opts.work) if opts.work else Path(opts.out).parent / f"{opts.track}_descriptors"
     work.mkdir(parents=True, exist_ok=True)
+    return train_labels, work
 
-    # 2. reference descriptors: precomputed, or extracted here
-    reference_records = {}
-    missing = {}  # model -> splits to extract
-    splits = list(REFERENCE_SPLITS[track]) + (["nonlandmark"] if track == "recognition" else [])
+
+def reference_descriptors(opts: PredictOptions, entries: list[dict], work: Path,
+                          report: PredictReport) -> tuple[dict, dict]:
+    """Step 2: link the precomputed reference splits into ``work``; returns what is left to extract here:
+    ``{split: records}``, ``{model: [split, ...]}``."""
+    from kernel.data.sources import folder_source, kaggle_split
+
+    records, missing = {}, {}
+    splits = list(REFERENCE_SPLITS[opts.track]) + (["nonlandmark"] if opts.track == "recognition" else [])
     for e in entries:
         _write_meta(work, e)
         for split in splits:
-            src = Path(index_store) if (split == "index" and index_store) else (Path(store) if store else None)
-            if src is not None and _link_reference(src, work, e, split, report):
+            src = opts.index_store if (split == "index" and opts.index_store) else opts.store
+            if src and _link_reference(Path(src), work, e, split, report):
                 continue
             if kstore.has_split(work, e["name"], split):
                 continue
             if split == "nonlandmark":
-                if nonlandmark is None:
+                if opts.nonlandmark is None:
                     continue
-                reference_records.setdefault(split, folder_source(nonlandmark))
+                records.setdefault(split, folder_source(opts.nonlandmark))
             else:
-                reference_records.setdefault(split, _writable(kaggle_split(data, split), report))
+                records.setdefault(split, _writable(kaggle_split(Path(opts.data), split), report))
             missing.setdefault(e["name"], []).append(split)
     if missing:
-        _decide(report, "to extract here (not precomputed): %s",
-                "; ".join(f"{n}: {', '.join(s)}" for n, s in missing.items()))
+        decide(report, "to extract here (not precomputed): %s",
+               "; ".join(f"{n}: {', '.join(s)}" for n, s in missing.items()))
+    return records, missing
 
-    common = dict(device=device, batch_size=batch_size, workers=workers, progress=progress)
-    # 3. probe: the first test images with every model, to measure this machine
-    # a resumed run probes images it has not done yet, so it measures something
-    done = set.intersection(*[stored_ids(work, e["name"], "test") for e in entries])
+
+@dataclass
+class Probe:
+    """What the probe (step 3) measured: the first test images extracted with every model."""
+
+    test: list  # every test record, in extraction order: those an earlier run finished first
+    size: int  # test[:size] has descriptors now (the images resumed, then the probe's)
+    resumed: int  # test images an earlier run had finished with every model
+    seconds: float = 0.0  # wall time of the probe's extraction, in seconds
+    model_seconds: dict = field(default_factory=dict)  # model -> seconds in its forward passes (all devices)
+    computed: dict = field(default_factory=dict)  # model -> descriptors the probe computed
+
+
+def probe(opts: PredictOptions, entries: list[dict], test: list, work: Path, report: PredictReport) -> Probe:
+    """Step 3a: the first test images not done yet, with every model (no deadline: the plan needs these numbers,
+    and a probe is a few batches). A resumed run probes images it has not done, so it measures something."""
+    from kernel.extract import extract
+
+    done = set.intersection(*[kstore.stored_ids(work, e["name"], "test") for e in entries])
     todo = [r for r in test if r.id not in done]
     test = [r for r in test if r.id in done] + todo  # extraction order: finished ones first
-    n_probe = min(len(test), len(done) + min(len(todo), probe_images or max(2 * (batch_size or 8), 16)))
+    n_new = min(len(todo), opts.probe_images or max(2 * (opts.batch_size or 8), 16))
+    n_probe = min(len(test), len(done) + n_new)
     if done:
-        _decide(report, "resuming: %d test images already have descriptors from every model", len(done))
-    # (no deadline: the plan needs at least these numbers, and a probe is a few batches)
-    probe = extract(entries, weights, test[:n_probe], "test", work, **common)
-    report.failures.update(probe.failures)
-    done_imgs = max(1, n_probe - len(done))
-    per_image = {}
-    for e in entries:
-        n = e["name"]
-        if probe.computed.get(n):
-            per_image[n] = probe.model_seconds[n] / probe.computed[n] / len(extract_devices(device))  # all GPUs work
+        decide(report, "resuming: %d test images already have descriptors from every model", len(done))
+    s = extract(entries, opts.weights, test[:n_probe], "test", work, **opts.extract_kwargs())
+    report.failures.update(s.failures)
+    return Probe(test, n_probe, len(done), s.seconds, dict(s.model_seconds), dict(s.computed))
+
+
+def plan_after_probe(measured: Probe, entries: list[dict], references: dict, missing: dict, devices: int,
+                     budget_s: float, reserve_s: float, report: PredictReport) -> list[dict]:
+    """Step 3b: project the rest of the run from the probe and drop models (manifest ``priority``, highest
+    number first) until it fits ``budget_s`` seconds, ``reserve_s`` included; returns the entries kept.
+    ``references``: split -> images still to extract; ``missing``: model -> its splits among them;
+    ``devices``: how many devices share each extraction."""
+    per_image = {e["name"]: measured.model_seconds[e["name"]] / measured.computed[e["name"]] / devices
+                 for e in entries if measured.computed.get(e["name"])}
     if not per_image:  # nothing computed (all stored already, or all failed): no basis, assume it fits
         per_image = {e["name"]: 0.0 for e in entries}
     fallback_rate = max(per_image.values())
-    overhead = max(0.0, probe.seconds - sum(probe.model_seconds.values())) / done_imgs
-    remaining_test = len(test) - n_probe
+    new_images = max(1, measured.size - measured.resumed)
+    overhead = max(0.0, measured.seconds - sum(measured.model_seconds.values())) / new_images
+    remaining_test = len(measured.test) - measured.size
     costs = {}
     for e in entries:
-        n = e["name"]
-        images = remaining_test + sum(len(reference_records[s]) for s in missing.get(n, []))
-        costs[n] = per_image.get(n, fallback_rate) * images
-    total_images = remaining_test + sum(len(r) for r in reference_records.values())
-    budget_s = deadline - time.monotonic()
-    plan = plan_models(costs, priority, budget_s, fixed_s=overhead * total_images + reserve)
-    _decide(report, "probe: %d test images in %.1f s; per model s/image: %s; overhead %.3f s/image; "
-            "projected %.0f s for the rest (incl. %.0f s reserve) vs %.0f s left",
-            n_probe, probe.seconds, ", ".join(f"{k} {v:.3f}" for k, v in per_image.items()), overhead,
-            plan.projected_s, reserve, budget_s)
+        images = remaining_test + sum(references[s] for s in missing.get(e["name"], []))
+        costs[e["name"]] = per_image.get(e["name"], fallback_rate) * images
+    total_images = remaining_test + sum(references.values())
+    priority = {e["name"]: e["priority"] for e in entries}
+    plan = plan_models(costs, priority, budget_s, fixed_s=overhead * total_images + reserve_s)
+    decide(report, "probe: %d test images in %.1f s; per model s/image: %s; overhead %.3f s/image; "
+           "projected %.0f s for the rest (incl. %.0f s reserve) vs %.0f s left",
+           measured.size, measured.seconds, ", ".join(f"{k} {v:.3f}" for k, v in per_image.items()), overhead,
+           plan.projected_s, reserve_s, budget_s)
     for d in plan.decisions:
-        _decide(report, d)
+        decide(report, d)
     report.dropped = plan.dropped
-    kept = [e for e in entries if e["name"] in plan.kept]
+    return [e for e in entries if e["name"] in plan.kept]
 
-    # reference extraction for the kept models
-    for split, records in reference_records.items():
+
+def extract_references(opts: PredictOptions, kept: list[dict], records: dict, missing: dict, work: Path,
+                       stop_at: float, report: PredictReport) -> None:
+    """Step 3c: the reference splits the kept models lack, until ``stop_at`` (a ``time.monotonic()`` value)."""
+    from kernel.extract import extract
+
+    for split, split_records in records.items():
         todo = [e for e in kept if split in missing.get(e["name"], [])]
-        if todo and time.monotonic() < deadline - reserve:
-            s = extract(todo, weights, records, split, work, deadline=deadline - reserve, **common)
-            _decide(report, "%s", s.line())
+        if todo and time.monotonic() < stop_at:
+            s = extract(todo, opts.weights, split_records, split, work, deadline=stop_at, **opts.extract_kwargs())
+            decide(report, "%s", s.line())
 
-    # 4. test images in chunks, a better submission after each
-    from kernel.postprocess.prepared import prepared_dir
 
-    shipped = [prepared_dir(s) for s in (store, index_store) if s]
-    reuse = dict(prepared_dirs=shipped + [prepared_dir(work)], cache_dir=prepared_dir(work), memory_gb=memory_gb)
+def chunk_ends(start: int, total: int, chunks: int, min_chunk: int) -> list[int]:
+    """Where each test chunk ends: ``start`` (the probe's images, submitted first), then at most ``chunks``
+    chunks of at least ``min_chunk`` images (one when fewer remain), the last ending at ``total``."""
+    rest = total - start
+    n_chunks = max(1, min(chunks, math.ceil(rest / max(1, min_chunk))))
+    return sorted({start, *[start + math.ceil(rest * (i + 1) / n_chunks) for i in range(n_chunks)]})
+
+
+def extract_test_chunk(opts: PredictOptions, kept: list[dict], measured: Probe, end: int, work: Path,
+                       stop_at: float, report: PredictReport) -> None:
+    """Step 4a: the kept models' descriptors of ``test[:end]`` (what is missing), unless ``stop_at`` passed."""
+    from kernel.extract import extract
+
+    if time.monotonic() >= stop_at:
+        decide(report, "deadline reserve reached: no more extraction (%d of %d test images)",
+               measured.size, len(measured.test))
+        return
+    s = extract(kept, opts.weights, measured.test[:end], "test", work, deadline=stop_at, **opts.extract_kwargs())
+    report.failures.update(s.failures)
+    if s.stopped:
+        decide(report, "extraction stopped (%s) at %d test images: %s", s.stopped, end, s.line())
+
+
+def write_better(track: str, predictions: dict, test_ids: list[str], out: Path, models: list[str],
+                 report: PredictReport) -> None:
+    """Step 4b: replace the submission with one from ``predictions`` of ``models``. The candidate is checked
+    before it replaces anything: a broken one raises :class:`KernelError` and the previous file stays."""
+    from kernel.submission import write_submission
+
+    write_submission(track, predictions, test_ids, out)
+    report.submissions += 1
+    report.models = models
+    decide(report, "submission %d: %d/%d test images predicted with %s", report.submissions,
+           _count_predicted(predictions), len(test_ids), ", ".join(models))
+
+
+def extract_test_in_chunks(opts: PredictOptions, kept: list[dict], measured: Probe, test_ids: list[str],
+                           work: Path, train_labels: Path, stop_at: float, report: PredictReport) -> dict:
+    """Step 4: the test images in chunks (:func:`chunk_ends`), a better submission after each, until
+    ``stop_at``. Returns the predictions of the last submission written (empty: the fallback stands)."""
+    reuse = _reuse(opts, work)
     names = [e["name"] for e in kept]
-    n_chunks = max(1, min(chunks, math.ceil(remaining_test / max(1, min_chunk))))
-    bounds = sorted({n_probe, *[n_probe + math.ceil(remaining_test * (i + 1) / n_chunks) for i in range(n_chunks)]})
     final_predictions = {}
-    for end in bounds:
-        if end > n_probe or end == len(test):
-            if time.monotonic() >= deadline - reserve:
-                _decide(report, "deadline reserve reached: no more extraction (%d of %d test images)",
-                        n_probe, len(test))
-            else:
-                s = extract(kept, weights, test[:end], "test", work, deadline=deadline - reserve, **common)
-                report.failures.update(s.failures)
-                if s.stopped:
-                    _decide(report, "extraction stopped (%s) at %d test images: %s", s.stopped, end, s.line())
-        usable = _usable(work, names, track)
+    for end in chunk_ends(measured.size, len(measured.test), opts.chunks, opts.min_chunk):
+        if end > measured.size or end == len(measured.test):
+            extract_test_chunk(opts, kept, measured, end, work, stop_at, report)
+        usable = _usable(work, names, opts.track)
         if not usable:
-            _decide(report, "no model has all of test + %s yet: keeping the fallback submission",
-                    " + ".join(REFERENCE_SPLITS[track]))
+            decide(report, "no model has all of test + %s yet: keeping the fallback submission",
+                   " + ".join(REFERENCE_SPLITS[opts.track]))
             continue
-        predictions = _postprocess(track, work, train_labels, usable, device, rerank, params, progress, reuse)
-        write_submission(track, predictions, test_ids, out)
-        report.submissions += 1
-        report.models = usable
+        predictions = _postprocess(opts, work, train_labels, usable, reuse)
+        write_better(opts.track, predictions, test_ids, Path(opts.out), usable, report)
         final_predictions = predictions
-        _decide(report, "submission %d: %d/%d test images predicted with %s", report.submissions,
-                _count_predicted(predictions), len(test_ids), ", ".join(usable))
-        if time.monotonic() >= deadline - reserve:
+        if time.monotonic() >= stop_at:
             break
+    return final_predictions
 
-    # 5. check what is on disk
+
+def finish(track: str, out: Path, test_ids: list[str], predictions: dict, report: PredictReport) -> None:
+    """Step 5: check the submission on disk (a failure leaves the log unfinished), then log the run finished."""
+    from kernel.submission import check_submission
+
     check_submission(track, out, test_ids)
-    report.predicted = _count_predicted(final_predictions)
+    report.predicted = _count_predicted(predictions)
     report.finished = True
-    _write_log(report)
-    return report
-
-
-def _check_paths(out, data, manifest, weights, store, index_store, train_labels, nonlandmark, work) -> None:
-    """``--out`` (and the log beside it) must be a regular file path that is none of the run's inputs."""
-    from kernel.cli import output_file
-
-    inputs = [data, manifest, weights, store, index_store, train_labels, nonlandmark, work]
-    output_file(out, "--out", inputs=inputs, side_files=[log_path(out)])
+    write_log(report)
 
 
 def _writable(records: list, report: PredictReport) -> list:
@@ -357,14 +409,6 @@ def _writable(records: list, report: PredictReport) -> list:
         else:
             keep.append(r)
     return keep
-
-
-def _check_labels(train_labels: Path, report: PredictReport) -> None:
-    """Read and check the train labels (Kaggle-integer landmark ids) while only the fallback exists."""
-    from kernel.labels import read_train_labels
-
-    labels = read_train_labels(train_labels)
-    _decide(report, "train labels %s: %d images, %d landmarks", train_labels, len(labels), labels.nunique())
 
 
 def add_arguments(p) -> None:
@@ -399,12 +443,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    report = predict(
-        args.track, args.data, args.manifest, args.weights, args.out, store=args.store,
-        index_store=args.index_store, train_labels=args.train_labels, work=args.work, nonlandmark=args.nonlandmark,
-        deadline_hours=args.deadline_hours, reserve_minutes=args.reserve_minutes, device=args.device,
-        models=args.models, chunks=args.chunks, min_chunk=args.min_chunk, probe_images=args.probe_images, batch_size=args.batch_size,
-        workers=args.workers, rerank=args.rerank, progress=not args.no_progress, memory_gb=args.memory_gb,
-    )
+    # every option is the argparse destination of the same name, but progress (--no-progress)
+    given = {f.name: getattr(args, f.name) for f in fields(PredictOptions) if f.name != "progress"}
+    report = predict(PredictOptions(**given, progress=not args.no_progress))
     print(report.line())
     return 0

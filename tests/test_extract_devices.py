@@ -224,16 +224,17 @@ def test_workers_stop_when_their_parent_is_killed(tiny_weights, tmp_path):
 
 
 def test_predict_uses_every_device_and_writes_the_same_submission(tiny_weights, tmp_path, monkeypatch):
-    from kernel.predict import predict
+    from kernel.predict import PredictOptions, predict
     from kernel.sample_competition import make_competition, sample_photos
 
     comp = make_competition(tmp_path / "comp", seed=3, photos=sample_photos()[:5])
     weights, manifest = tiny_weights
     # batch 1: a split of 8 or more images goes over the two workers; the probe (10) leaves 6 test images
     kw = dict(models=TWO[0], progress=False, workers=0, batch_size=1, probe_images=10)
-    one = predict("recognition", comp.recognition, manifest, weights, tmp_path / "one" / "s.csv", device="cpu", **kw)
+    one = predict(PredictOptions("recognition", comp.recognition, manifest, weights, tmp_path / "one" / "s.csv",
+                                 device="cpu", **kw))
     monkeypatch.setenv(md.ENV_DEVICES, "cpu,cpu")
-    two = predict("recognition", comp.recognition, manifest, weights, tmp_path / "two" / "s.csv", **kw)
+    two = predict(PredictOptions("recognition", comp.recognition, manifest, weights, tmp_path / "two" / "s.csv", **kw))
     assert (tmp_path / "two" / "s.csv").read_text() == (tmp_path / "one" / "s.csv").read_text()
     assert two.predicted == one.predicted > 0 and not two.dropped
     assert any("on cpu,cpu" in d for d in two.decisions), two.decisions  # the train split (15): both workers

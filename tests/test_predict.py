@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 
-from kernel.predict import predict
+from kernel.predict import PredictOptions, predict
 from kernel.sample_competition import make_competition, sample_photos
 from kernel.submission import check_submission
 from tests.conftest import ROOT
@@ -30,8 +30,8 @@ def _test_ids(comp):
 def test_predict_extracts_everything_and_keeps_broken_images(competition, tiny_weights, tmp_path):
     weights, manifest = tiny_weights
     out = tmp_path / "submission.csv"
-    report = predict("recognition", competition.recognition, manifest, weights, out, models=MODELS,
-                     nonlandmark=competition.nonlandmark, progress=False, workers=0)
+    report = predict(PredictOptions("recognition", competition.recognition, manifest, weights, out, models=MODELS,
+                                    nonlandmark=competition.nonlandmark, progress=False, workers=0))
     sub = pd.read_csv(out, dtype=str, keep_default_na=False)
     assert sorted(sub["id"]) == _test_ids(competition)
     assert list(sub.columns) == ["id", "landmarks"]
@@ -57,8 +57,9 @@ def test_retrieval_with_precomputed_store(competition, tiny_weights, tmp_path):
     extract(entries, weights, kaggle_split(competition.recognition, "train"), "train", store, progress=False, workers=0)
     extract(entries, weights, kaggle_split(competition.retrieval, "index"), "index", store, progress=False, workers=0)
     out = tmp_path / "retrieval.csv"
-    report = predict("retrieval", competition.retrieval, manifest, weights, out, store=store, models=MODELS,
-                     train_labels=competition.recognition / "train.csv", progress=False, workers=0)
+    report = predict(PredictOptions("retrieval", competition.retrieval, manifest, weights, out, store=store,
+                                    models=MODELS, train_labels=competition.recognition / "train.csv",
+                                    progress=False, workers=0))
     assert any("precomputed index" in d for d in report.decisions)
     sub = pd.read_csv(out, dtype=str, keep_default_na=False)
     assert sorted(sub["id"]) == _test_ids(competition)
@@ -76,8 +77,8 @@ def test_descriptors_of_another_checkpoint_are_refused(competition, tiny_weights
     kstore.save_split(store, "effnet_b6_512", "train", ["a"], [[1.0] + [0.0] * 511])
     kstore.write_meta(store, "effnet_b6_512", {"name": "effnet_b6_512", "family": "effnet", "sha256": "f" * 64})
     with pytest.raises(KernelError, match="do not belong together"):
-        predict("recognition", competition.recognition, manifest, weights, tmp_path / "s.csv", store=store,
-                models="effnet_b6_512", progress=False, workers=0)
+        predict(PredictOptions("recognition", competition.recognition, manifest, weights, tmp_path / "s.csv",
+                               store=store, models="effnet_b6_512", progress=False, workers=0))
     # the fallback was written before the problem was found
     check_submission("recognition", tmp_path / "s.csv", _test_ids(competition))
 
@@ -85,31 +86,78 @@ def test_descriptors_of_another_checkpoint_are_refused(competition, tiny_weights
 def test_hopeless_deadline_still_leaves_a_valid_submission_and_says_what_it_dropped(competition, tiny_weights, tmp_path):
     weights, manifest = tiny_weights
     out = tmp_path / "submission.csv"
-    report = predict("recognition", competition.recognition, manifest, weights, out, models=MODELS,
-                     deadline_hours=1e-4, reserve_minutes=0, progress=False, workers=0, probe_images=4)
+    # 3.6 microseconds: spent before the probe ends on any machine (the fallback alone is an fsync), so the plan
+    # always sees a negative budget, however fast the extraction
+    report = predict(PredictOptions("recognition", competition.recognition, manifest, weights, out, models=MODELS,
+                                    deadline_hours=1e-9, reserve_minutes=0, progress=False, workers=0,
+                                    probe_images=4))
     check_submission("recognition", out, _test_ids(competition))
     assert len(report.dropped) == 2  # the most valuable model is always kept
     drops = [d for d in report.decisions if d.startswith("drop ")]
     assert len(drops) == 2 and all("projected" in d and "> budget" in d for d in drops)
     assert "dolg_effnet_b5_768" not in report.dropped  # priority 1
+    assert any(d.startswith("deadline reserve reached") for d in report.decisions)
+
+
+# Run by the child of the SIGKILL test: `python -m kernel predict ...` that stops for good at a chosen point of
+# the run and touches a marker file there, so the test's SIGKILL lands at that point however fast the machine.
+_STALLING_PREDICT = """
+import sys, time
+from pathlib import Path
+import kernel.extract, kernel.submission
+from kernel.cli import main
+
+marker, point = Path(sys.argv[1]), sys.argv[2]
+
+def stall():
+    marker.touch()
+    time.sleep(600)
+
+if point == "after the probe":  # the probe's descriptors are stored; the file on disk is the fallback
+    real_extract = kernel.extract.extract
+    def extract(*args, **kwargs):
+        real_extract(*args, **kwargs)
+        stall()
+    kernel.extract.extract = extract
+else:  # "mid-replacement": a better submission is in its temporary file, not renamed over the fallback yet
+    real_write = kernel.submission.atomic_write
+    def atomic_write(path, write, check=None):
+        if not Path(path).exists():
+            return real_write(path, write, check)
+        def write_then_stall(fh):
+            write(fh)
+            fh.flush()
+            stall()
+        return real_write(path, write_then_stall, check)
+    kernel.submission.atomic_write = atomic_write
+sys.exit(main(sys.argv[3:]))
+"""
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_leaves_a_valid_file(competition, tiny_weights, tmp_path):
+@pytest.mark.parametrize("point", ["after the probe", "mid-replacement"])
+def test_sigkill_mid_run_leaves_a_valid_file(competition, tiny_weights, tmp_path, point):
     weights, manifest = tiny_weights
-    out = tmp_path / "submission.csv"
-    cmd = [sys.executable, "-m", "kernel", "predict", "--track", "recognition", "--data", str(competition.recognition),
-           "--manifest", str(manifest), "--weights", str(weights), "--out", str(out), "--no-progress",
-           "--workers", "0", "--chunks", "8", "--min-chunk", "1", "--probe-images", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    out, marker = tmp_path / "submission.csv", tmp_path / "stalled"
+    cmd = [sys.executable, "-c", _STALLING_PREDICT, str(marker), point, "predict", "--track", "recognition",
+           "--data", str(competition.recognition), "--manifest", str(manifest), "--weights", str(weights),
+           "--out", str(out), "--no-progress", "--workers", "0", "--chunks", "8", "--min-chunk", "1",
+           "--probe-images", "2"]
+    with open(tmp_path / "stderr", "wb") as err:  # a file, not a pipe: a full pipe would block the child
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
     t0 = time.monotonic()
-    while not out.exists() and time.monotonic() - t0 < 60 and proc.poll() is None:
+    while not marker.exists() and proc.poll() is None and time.monotonic() - t0 < 600:
         time.sleep(0.05)
-    time.sleep(1.5)  # mid-way: models loading / extracting
-    os.kill(proc.pid, signal.SIGKILL)
+    reached = marker.exists()
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert reached, f"the run never reached '{point}': {(tmp_path / 'stderr').read_text()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL
     check_submission("recognition", out, _test_ids(competition))
+    assert set(pd.read_csv(out, dtype=str, keep_default_na=False)["landmarks"]) == {""}  # still the fallback
+    if point == "mid-replacement":  # the candidate was complete on disk, but never replaced the fallback
+        assert list(tmp_path.glob(".submission.csv.*.tmp"))
 
 
 @pytest.mark.slow
@@ -138,9 +186,9 @@ def test_index_labels_computed_once_not_per_chunk(competition, tiny_weights, tmp
     extract(entries, weights, kaggle_split(competition.recognition, "train"), "train", store, progress=False, workers=0)
     out = tmp_path / "retrieval.csv"
     with caplog.at_level(logging.INFO):
-        report = predict("retrieval", competition.retrieval, manifest, weights, out, store=store, models=MODELS,
-                         train_labels=competition.recognition / "train.csv", progress=False, workers=0,
-                         chunks=3, min_chunk=1, probe_images=2)
+        report = predict(PredictOptions("retrieval", competition.retrieval, manifest, weights, out, store=store,
+                                        models=MODELS, train_labels=competition.recognition / "train.csv",
+                                        progress=False, workers=0, chunks=3, min_chunk=1, probe_images=2))
     posts = report.submissions - 1  # post-processings (the first submission is the fallback)
     assert posts >= 2
     messages = [r.getMessage() for r in caplog.records]
