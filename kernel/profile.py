@@ -206,7 +206,7 @@ def plot(rows, plans, path: Path, title: str) -> None:
 
 def add_arguments(p) -> None:
     from kernel.cli import number
-    from kernel.models.demo import REPO_MANIFEST
+    from kernel.demo.weights import REPO_MANIFEST
 
     p.add_argument("--manifest", default=str(REPO_MANIFEST), help="weights manifest (default: the repo's nine models)")
     p.add_argument("--weights", default=None, help="checkpoint folder (optional: timings do not depend on weights)")

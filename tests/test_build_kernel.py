@@ -104,7 +104,7 @@ def timm_wheel():
 
 @pytest.fixture(scope="module")
 def competition(tmp_path_factory):
-    from kernel.sample_competition import make_competition
+    from kernel.demo.competition import make_competition
 
     return make_competition(tmp_path_factory.mktemp("competition"), train_views=2, test_views=1, index_views=1,
                             test_distractors=2, index_distractors=2, bank_size=4, max_side=160)

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from kernel import metrics, search, store, submission, synthetic
+from kernel import metrics, search, store, submission
+from tests import synthetic
 from kernel.cli import main
 
 MODELS = ["dolg_effnet_b5_768", "hybrid_b3_swin224_896", "effnet_b6_512"]

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from kernel.predict import predict
-from kernel.sample_competition import make_competition, sample_photos
+from kernel.demo.competition import make_competition, sample_photos
 from kernel.submission import check_submission
 from tests.conftest import ROOT
 

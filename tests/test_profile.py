@@ -34,7 +34,7 @@ def test_profile_json_has_every_model_and_a_plan(tiny_weights, tmp_path):
 def test_full_manifest_projection_matches_spec_flops():
     """Backbone FLOPs of SPEC §6 are a lower bound of our whole-model counts (heads add the rest)."""
     from kernel.budget import count_gflops
-    from kernel.models.demo import preset_entries
+    from kernel.demo.weights import preset_entries
 
     by = {e["name"]: e for e in preset_entries("full")}
     assert abs(count_gflops(by["effnet_b3_768"]) - 22.6) < 0.3  # pure EfficientNet: backbone + tiny FC
