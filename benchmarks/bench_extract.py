@@ -33,12 +33,13 @@ import torch
 
 from kernel.data.decode import decode_image, decode_resized
 from kernel.data.loader import default_workers
+from kernel.demo import SAMPLE_DIR
 from kernel.extract import extract, resolve_device
+from kernel.demo.weights import write_demo_weights
 from kernel.models import build_model, load_manifest, select
-from kernel.models.demo import write_demo_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = sorted((ROOT / "kernel" / "sample_data" / "gldv2").glob("*.jpg"))
+SAMPLES = sorted(SAMPLE_DIR.glob("*.jpg"))
 
 
 def machine(device: torch.device) -> str:

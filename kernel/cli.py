@@ -19,10 +19,10 @@ from kernel.errors import KernelError
 
 # command name -> module implementing it (imported lazily when the command runs or its help is shown)
 COMMANDS: dict[str, str] = {
-    "demo-weights": "kernel.models.demo",
+    "demo-weights": "kernel.demo.weights",
     "profile": "kernel.profile",
     "predict": "kernel.predict",
-    "dry-run": "kernel.dryrun",
+    "dry-run": "kernel.demo.dryrun",
     "extract": "kernel.extract",
     "bundle": "kernel.bundle",
     "postprocess": "kernel.postprocess.cli",

@@ -170,43 +170,51 @@ def format_table(rows, plans, device_label, efficiency=None) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, plans, path: Path, title: str) -> None:
-    """Horizontal bar chart (PIL only): projected hours per model per track on the plans' card."""
-    from PIL import Image, ImageDraw, ImageFont
+PLOT_DPI = 100
+PLOT_COLOURS = {"recognition": "#3465a4", "retrieval": "#cc6600"}
 
-    font = ImageFont.load_default()
-    tracks = [p["track"] for p in plans]
-    key = plans[0]["target"]
-    colours = {"recognition": (52, 101, 164), "retrieval": (204, 102, 0)}
-    bar_h, gap, left, right, top = 14, 10, 210, 60, 50
-    height = top + len(rows) * (len(tracks) * bar_h + gap) + 60
-    width = 900
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 10), title, fill="black", font=font)
-    vmax = max([r.get(f"{key}_{t}_hours", 0) or 0 for r in rows for t in tracks] + [0.01])
-    scale = (width - left - right) / vmax
-    y = top
-    for r in rows:
-        d.text((10, y + 2), f"{r['name']} ({r['gflop']:.0f} GFLOP)", fill="black", font=font)
-        for t in tracks:
-            v = r.get(f"{key}_{t}_hours")
-            if v is not None:
-                d.rectangle([left, y, left + max(1, int(v * scale)), y + bar_h - 2], fill=colours.get(t, "gray"))
-                d.text((left + int(v * scale) + 4, y), f"{v:.2f} h", fill="black", font=font)
-            y += bar_h
-        y += gap
-    for i, p in enumerate(plans):
-        d.rectangle([10, y + 10 + i * 16, 22, y + 20 + i * 16], fill=colours.get(p["track"], "gray"))
-        d.text((28, y + 10 + i * 16), f"{p['track']}: total {p['projected_hours']:.2f} h of {p['budget_hours']:.0f} h, "
-               f"keeps {len(p['kept'])}/{len(p['kept']) + len(p['dropped'])} models", fill="black", font=font)
+
+def plot_size(n_models: int, n_tracks: int) -> tuple[float, float]:
+    """Size of the bar chart in inches (``PLOT_DPI`` pixels each): 9 wide, one bar row per model and track."""
+    return 9.0, 2.0 + 0.3 * n_models * max(1, n_tracks)
+
+
+def plot(rows, plans, path: Path, title: str) -> None:
+    """Horizontal bar chart (matplotlib, Agg): projected hours per model per track on the plans' card, one
+    legend entry per track with the plan's total."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tracks, key = [p["track"] for p in plans], plans[0]["target"]
+    fig = Figure(figsize=plot_size(len(rows), len(tracks)), dpi=PLOT_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    height = 0.8 / max(1, len(tracks))
+    for j, p in enumerate(plans):
+        t = p["track"]
+        ys = [i + (j - (len(tracks) - 1) / 2) * height for i in range(len(rows))]
+        hours = [r.get(f"{key}_{t}_hours") for r in rows]
+        bars = ax.barh([y for y, v in zip(ys, hours) if v is not None], [v for v in hours if v is not None],
+                       height=height, color=PLOT_COLOURS.get(t, "grey"),
+                       label=f"{t}: total {p['projected_hours']:.2f} h of {p['budget_hours']:.0f} h, keeps "
+                             f"{len(p['kept'])}/{len(p['kept']) + len(p['dropped'])} models")
+        ax.bar_label(bars, labels=[f"{v:.2f} h" for v in hours if v is not None], padding=3, fontsize=7)
+    ax.set_yticks(range(len(rows)), [f"{r['name']} ({r['gflop']:.0f} GFLOP)" for r in rows], fontsize=8)
+    ax.invert_yaxis()  # the first model at the top
+    ax.set_xlabel(f"projected hours on {key}")
+    ax.set_ylabel("model")
+    ax.set_title(title, fontsize=10)
+    ax.margins(x=0.15)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    fig.savefig(path, format="png")
 
 
 def add_arguments(p) -> None:
     from kernel.cli import number
-    from kernel.models.demo import REPO_MANIFEST
+    from kernel.demo.weights import REPO_MANIFEST
 
     p.add_argument("--manifest", default=str(REPO_MANIFEST), help="weights manifest (default: the repo's nine models)")
     p.add_argument("--weights", default=None, help="checkpoint folder (optional: timings do not depend on weights)")

@@ -10,7 +10,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     """The tiny demo preset (nine models, original layouts), written once per test session."""
-    from kernel.models.demo import write_demo_weights
+    from kernel.demo.weights import write_demo_weights
 
     out = tmp_path_factory.mktemp("tiny_weights")
     manifest = write_demo_weights(out, "tiny")

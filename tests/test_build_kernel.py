@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from kernel.bundle import convert, notebook
-from kernel.bundle.build import build_bundle
+from kernel.bundle.build import BundleOptions, build_bundle
 from kernel.errors import KernelError
 
-pytestmark = pytest.mark.slow  # end-to-end: subprocesses, whole runs (the fast loop skips them)
+slow = pytest.mark.slow  # end-to-end: subprocesses, whole runs (the fast loop skips them)
 
 ROOT = Path(__file__).resolve().parents[1]
 SLUG = "glr-test-bundle"
@@ -84,6 +84,11 @@ def old_timm_site(tmp: Path) -> Path:
     return site
 
 
+def bundle(weights, out, user, **options) -> dict:
+    """``build_bundle`` with the options as keywords, as the command line gives them."""
+    return build_bundle(BundleOptions(weights, out, user, **options))
+
+
 def read_csv(path: Path) -> list[list[str]]:
     with open(path, newline="") as fh:
         return list(csv.reader(fh))
@@ -104,7 +109,7 @@ def timm_wheel():
 
 @pytest.fixture(scope="module")
 def competition(tmp_path_factory):
-    from kernel.sample_competition import make_competition
+    from kernel.demo.competition import make_competition
 
     return make_competition(tmp_path_factory.mktemp("competition"), train_views=2, test_views=1, index_views=1,
                             test_distractors=2, index_distractors=2, bank_size=4, max_side=160)
@@ -135,7 +140,7 @@ def store(tmp_path_factory, tiny_weights, competition):
 def built(tmp_path_factory, tiny_weights, timm_wheel, competition, store):
     weights, manifest = tiny_weights
     out = tmp_path_factory.mktemp("bundle") / "build"
-    report = build_bundle(weights, out, "tester", manifest=manifest, slug=SLUG, track="both", models=MODELS,
+    report = bundle(weights, out, "tester", manifest=manifest, slug=SLUG, track="both", models=MODELS,
                           store=store, train_labels=competition.recognition / "train.csv", fp16=True,
                           predict_args=["--chunks", "1", "--workers", "0"], progress=False)
     return out, report
@@ -143,6 +148,7 @@ def built(tmp_path_factory, tiny_weights, timm_wheel, competition, store):
 
 # ------------------------------------------------------------------------------------------ the build
 
+@slow
 def test_dataset_layout_and_metadata(built, store):
     out, report = built
     dataset = out / "dataset"
@@ -188,6 +194,7 @@ def test_dataset_layout_and_metadata(built, store):
     assert not list(out.parent.glob(".build.*"))  # no staging folder left
 
 
+@slow
 def test_notebook_runs_offline_and_writes_the_submission(built, competition, tmp_path):
     out, report = built
     root = fake_kaggle(tmp_path / "kaggle", out / "dataset",
@@ -217,6 +224,7 @@ def test_notebook_runs_offline_and_writes_the_submission(built, competition, tmp
     assert all(int(p[0]) in competition.landmarks and float(p[1]) == float(p[1]) for p in predicted.values())
 
 
+@slow
 def test_retrieval_notebook_runs_offline(built, competition, tmp_path):
     out, _ = built
     root = fake_kaggle(tmp_path / "kaggle", out / "dataset", {"landmark-retrieval-2021": competition.retrieval})
@@ -236,6 +244,7 @@ def test_retrieval_notebook_runs_offline(built, competition, tmp_path):
     assert answered and all(set(a) <= index_ids and len(a) <= 100 for a in answered)
 
 
+@slow
 @pytest.mark.parametrize("victim", ["weights/effnet_b6_512.pth", "kernel/predict.py"])
 def test_notebook_refuses_a_tampered_dataset(built, competition, tmp_path, victim):
     out, _ = built
@@ -253,6 +262,7 @@ def test_notebook_refuses_a_tampered_dataset(built, competition, tmp_path, victi
     assert not (root / "working" / "submission.csv").exists()
 
 
+@slow
 def test_notebook_refuses_a_dataset_of_another_build(built, competition, tmp_path):
     out, _ = built
     root = fake_kaggle(tmp_path / "kaggle", out / "dataset",
@@ -264,6 +274,7 @@ def test_notebook_refuses_a_dataset_of_another_build(built, competition, tmp_pat
     assert res.returncode != 0 and "is another build" in res.stderr
 
 
+@slow
 def test_notebook_finds_the_dataset_mounted_elsewhere(built, competition, tmp_path):
     out, _ = built
     root = tmp_path / "kaggle"
@@ -283,23 +294,25 @@ def _build_id(out: Path) -> str:
 
 # ------------------------------------------------------------------------------------------ conversions
 
+@slow
 def test_strip_only_keeps_descriptors_identical_and_no_conversion_copies_bytes(tiny_weights, timm_wheel, tmp_path):
     from kernel.models import load_manifest, load_model
 
     weights, manifest = tiny_weights
-    report = build_bundle(weights, tmp_path / "strip", "tester", manifest=manifest, models="hybrid_b6_swin384_384",
+    report = bundle(weights, tmp_path / "strip", "tester", manifest=manifest, models="hybrid_b6_swin384_384",
                           progress=False)
     row = report["checkpoints"][0]
     assert row["check"] == "exact" and row["max_abs_diff"] == 0.0 and row["stripped_keys"] == ["head.weight"]
     entry = json.loads((tmp_path / "strip" / "dataset" / "weights_manifest.json").read_text())["models"][0]
     load_model(entry, tmp_path / "strip" / "dataset" / "weights")  # strict load, sha256 checked
-    report = build_bundle(weights, tmp_path / "asis", "tester", manifest=manifest, models="hybrid_b6_swin384_384",
+    report = bundle(weights, tmp_path / "asis", "tester", manifest=manifest, models="hybrid_b6_swin384_384",
                           strip_heads=False, progress=False)
     src = next(e for e in load_manifest(manifest) if e["name"] == "hybrid_b6_swin384_384")
     assert report["checkpoints"][0]["sha256"] == src["sha256"]
     assert report["checkpoints"][0]["conversion"] == "copied unchanged"
 
 
+@slow
 def test_conversion_check_rejects_moved_descriptors():
     ref = torch.nn.functional.normalize(torch.randn(4, 512), dim=1)
     fp16 = convert.Conversion(fp16_tensors=3)
@@ -311,17 +324,18 @@ def test_conversion_check_rejects_moved_descriptors():
         convert.compare("m", ref, ref + 1e-7, convert.Conversion(stripped_keys=["head.weight"]), 0.999)
 
 
+@slow
 def test_headless_build_is_a_script_kernel_and_replaces_an_earlier_build(tiny_weights, timm_wheel, tmp_path):
     weights, manifest = tiny_weights
     out = tmp_path / "build"
-    report = build_bundle(weights, out, "tester", manifest=manifest, models="effnet_b6_512", progress=False,
+    report = bundle(weights, out, "tester", manifest=manifest, models="effnet_b6_512", progress=False,
                           accelerator="p100")
     assert (out / "notebook" / "glr2021-kernel-recognition.ipynb").is_file()
     km = json.loads((out / "notebook" / "kernel-metadata.json").read_text())
     assert km["enable_gpu"] is True and km["machine_shape"] == "NvidiaTeslaP100"
     assert any("retired" in w and "NvidiaTeslaT4" in w for w in report["warnings"])  # Kaggle runs it on a T4
     assert "retired" in (out / "report.txt").read_text()
-    report = build_bundle(weights, out, "tester", manifest=manifest, models="effnet_b6_512", headless=True,
+    report = bundle(weights, out, "tester", manifest=manifest, models="effnet_b6_512", headless=True,
                           progress=False, accelerator="cpu")
     km = json.loads((out / "notebook" / "kernel-metadata.json").read_text())
     assert km["enable_gpu"] is False and "machine_shape" not in km and report["options"]["accelerator"] == "cpu"
@@ -358,32 +372,37 @@ def _edit(folder: Path, data: dict, name: str, **fields) -> None:
 def _expect_failure(weights, tmp_path, match, **kw):
     out = tmp_path / "out" / "build"
     with pytest.raises(KernelError, match=match):
-        build_bundle(weights, out, "tester", progress=False, **kw)
+        bundle(weights, out, "tester", progress=False, **kw)
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
 
 
+@slow
 def test_unknown_model_name(weights_copy, tmp_path):
     _expect_failure(weights_copy[0], tmp_path, "unknown model 'nope'", models="effnet_b6_512,nope")
 
 
+@slow
 def test_hash_mismatch(weights_copy, tmp_path):
     folder, data = weights_copy
     _edit(folder, data, "effnet_b6_512", sha256="0" * 64)
     _expect_failure(folder, tmp_path, r"model 'effnet_b6_512': .*effnet_b6_512.pth has sha256 .* the manifest pins")
 
 
+@slow
 def test_missing_checkpoint(weights_copy, tmp_path):
     folder, data = weights_copy
     (folder / "dolg_effnet_b7_448_s1.pth").unlink()
     _expect_failure(folder, tmp_path, r"model 'dolg_effnet_b7_448_s1': checkpoint .* not found")
 
 
+@slow
 def test_checkpoint_that_does_not_fit_its_entry(weights_copy, tmp_path):
     folder, data = weights_copy
     _edit(folder, data, "effnet_b6_512", checkpoint="dolg_effnet_b7_448_s1.pth", sha256=None)
     _expect_failure(folder, tmp_path, r"model 'effnet_b6_512': .*dolg_effnet_b7_448_s1.pth does not fit")
 
 
+@slow
 def test_store_of_another_checkpoint(weights_copy, tmp_path):
     from kernel import store as kstore
 
@@ -395,6 +414,7 @@ def test_store_of_another_checkpoint(weights_copy, tmp_path):
                     store=s)
 
 
+@slow
 def test_retrieval_needs_train_labels_and_train_descriptors(weights_copy, tmp_path):
     folder, _ = weights_copy
     _expect_failure(folder, tmp_path, "pass --train-labels", track="retrieval")
@@ -403,15 +423,17 @@ def test_retrieval_needs_train_labels_and_train_descriptors(weights_copy, tmp_pa
     _expect_failure(folder, tmp_path, "no precomputed train descriptors", track="retrieval", train_labels=labels)
 
 
+@slow
 def test_out_that_is_not_a_build_is_refused(weights_copy, tmp_path):
     out = tmp_path / "somewhere"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(KernelError, match="not an earlier build"):
-        build_bundle(weights_copy[0], out, "tester", progress=False)
+        bundle(weights_copy[0], out, "tester", progress=False)
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+@slow
 def test_cli_names_the_problem_without_a_traceback(weights_copy, tmp_path):
     out = tmp_path / "cli-out"
     res = subprocess.run([sys.executable, str(ROOT / "build_kernel.py"), "--weights", str(weights_copy[0]),
@@ -420,3 +442,176 @@ def test_cli_names_the_problem_without_a_traceback(weights_copy, tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: unknown model 'nope'")
     assert "Traceback" not in res.stderr and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ the steps, one by one
+
+def _plan(tmp_path: Path, name: str = "m", data: bytes = b"checkpoint bytes", tracks=("recognition",)):
+    """A checked model (as phase 1 leaves it) whose checkpoint file holds ``data``."""
+    import hashlib
+
+    from kernel.bundle.checks import ModelPlan
+
+    source = tmp_path / "src" / f"{name}.pth"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(data)
+    entry = {"name": name, "checkpoint": f"{name}.pth", "tracks": list(tracks), "sha256": None}
+    return ModelPlan(entry, source, hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_options_reject_a_bad_track_and_other_bad_values(tmp_path):
+    with pytest.raises(KernelError, match=r"--track must be recognition, retrieval or both \(got 'all'\)"):
+        BundleOptions(tmp_path, tmp_path / "out", "tester", track="all")
+    with pytest.raises(KernelError, match=r"--deadline-hours must be in \(0, 12\]"):
+        BundleOptions(tmp_path, tmp_path / "out", "tester", deadline_hours=13)
+    with pytest.raises(KernelError, match="--user 'a b'"):
+        BundleOptions(tmp_path, tmp_path / "out", "a b")
+    with pytest.raises(KernelError, match="--check-images must be between 1 and the 13 bundled photos"):
+        BundleOptions(tmp_path, tmp_path / "out", "tester", check_images=14)
+    opts = BundleOptions(str(tmp_path), str(tmp_path / "out"), "tester", track="both", store=str(tmp_path))
+    assert opts.tracks == ["recognition", "retrieval"] and opts.title == "glr2021-kernel bundle"
+    assert opts.store == tmp_path and opts.out == tmp_path / "out" and opts.index_store is None
+    assert opts.dataset_id == "tester/glr2021-kernel"
+
+
+def test_select_models_names_an_unknown_model_and_keeps_the_track(tmp_path):
+    from kernel.bundle.checks import select_models
+    from kernel.demo.weights import REPO_MANIFEST
+    from kernel.models import load_manifest
+
+    entries = load_manifest(REPO_MANIFEST)
+    with pytest.raises(KernelError, match="unknown model 'nope'"):
+        select_models(entries, "effnet_b6_512,nope", ["recognition"], REPO_MANIFEST)
+    with pytest.raises(KernelError, match="model 'effnet_b3_768' serves recognition, not the retrieval track"):
+        select_models(entries, "effnet_b3_768", ["retrieval"], REPO_MANIFEST)
+    chosen = [e["name"] for e in select_models(entries, None, ["retrieval"], REPO_MANIFEST)]
+    assert len(chosen) == 8 and "effnet_b3_768" not in chosen and "effnet_b5_704" in chosen
+
+
+def test_check_train_labels_reads_through_kernel_labels_naming_file_and_line(tmp_path):
+    from kernel.bundle.checks import check_labels_for, check_train_labels
+
+    labels = tmp_path / "train.csv"
+    labels.write_text("id,landmark_id\nabc,1\ndef,1.5\n")
+    with pytest.raises(KernelError, match=rf"{labels}:3: landmark_id '1.5'"):
+        check_train_labels(labels)
+    labels.write_text("id,landmark_id\nabc,1\nabc,2\n")  # what predict refuses, the build refuses
+    with pytest.raises(KernelError, match=rf"{labels}:3: id abc appears twice"):
+        check_train_labels(labels)
+    labels.write_text("id,landmark\nabc,1\n")
+    with pytest.raises(KernelError, match=rf"{labels}: column 'landmark_id' is missing"):
+        check_train_labels(labels)
+    labels.write_text("id,landmark_id\n")
+    with pytest.raises(KernelError, match=rf"{labels}: no rows"):
+        check_train_labels(labels)
+    with pytest.raises(KernelError, match=r"--train-labels .*missing.csv: file not found"):
+        check_train_labels(tmp_path / "missing.csv")
+    labels.write_text("id,landmark_id\nabc,1\ndef,20\n")
+    assert check_train_labels(labels) == 2 and check_labels_for(["recognition"], None) == 0
+    with pytest.raises(KernelError, match="pass --train-labels"):
+        check_labels_for(["retrieval"], None)
+
+
+def test_shipping_a_checkpoint_records_its_sha256_and_fills_the_manifest(tmp_path):
+    import hashlib
+
+    from kernel.bundle import ship
+
+    plan = _plan(tmp_path, data=b"\x00weights\xff" * 1000)
+    dataset = tmp_path / "dataset"
+    rows = ship.ship_checkpoints([plan], dataset, strip=False, fp16=False, tolerance=0.999, n_images=1,
+                                 progress=False)
+    shipped = dataset / "weights" / "m.pth"
+    assert shipped.read_bytes() == plan.source.read_bytes()
+    assert rows[0]["sha256"] == rows[0]["source_sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert rows[0]["size"] == rows[0]["source_size"] == 9_000 and rows[0]["conversion"] == "copied unchanged"
+    manifest = json.loads((dataset / "weights_manifest.json").read_text())["models"]
+    assert manifest == [{**plan.entry, "sha256": rows[0]["sha256"]}]
+    plan.source.write_bytes(b"changed after the check")  # the copy is checked against the checked bytes
+    with pytest.raises(KernelError, match="changed since it was checked"):
+        ship.ship_checkpoints([plan], tmp_path / "again", strip=False, fp16=False, tolerance=0.999, n_images=1,
+                              progress=False)
+
+
+def _imports_of(path: Path, module: str) -> set[str]:
+    """The ``kernel`` modules a source file imports (anywhere in it, lazy imports included)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the importing module's package
+                package = module.split(".")[: -node.level] if path.name != "__init__.py" else module.split(".")
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}
+    return {m for m in found if m == "kernel" or m.startswith("kernel.")}
+
+
+def test_bundle_ships_the_package_without_test_only_modules():
+    """Every module the dataset ships is reachable from an entry point (``python -m kernel``, its commands,
+    ``python -m kernel.train``); a module only the tests import (as ``kernel/synthetic.py`` was) is not shipped."""
+    from kernel.bundle.checks import PACKAGE_DIR
+    from kernel.bundle.ship import package_files
+    from kernel.cli import COMMANDS
+
+    files = package_files()
+    assert "__init__.py" in files and "demo/sample_data/gldv2/NOTICE" in files
+    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc") or "/." in f or f.startswith(".")]
+    modules = {}
+    for rel in (f for f in files if f.endswith(".py")):
+        parts = ["kernel", *Path(rel).with_suffix("").parts]
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = PACKAGE_DIR / rel
+    reached, todo = set(), ["kernel", "kernel.__main__", "kernel.train.__main__", *COMMANDS.values()]
+    while todo:
+        name = todo.pop()
+        if name in reached or name not in modules:
+            continue
+        reached.add(name)
+        todo += _imports_of(modules[name], name)
+        todo += [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]  # parent packages
+    assert sorted(set(modules) - reached) == []
+    assert "kernel.synthetic" not in modules
+
+
+def test_dataset_metadata_and_notebooks_from_the_staged_files(tmp_path):
+    from kernel.bundle import build
+
+    dataset = tmp_path / "staging" / "dataset"
+    (dataset / "kernel").mkdir(parents=True)
+    (dataset / "kernel" / "a.py").write_text("x = 1\n")
+    opts = BundleOptions(tmp_path, tmp_path / "out", "tester", track="both", headless=True, license_name="CC0-1.0",
+                         predict_args=["--chunks", "1"])
+    plan = _plan(tmp_path, tracks=("retrieval",))
+    rows = [{"model": "m", "checkpoint": "m.pth", "sha256": "ab" * 32}]
+    info = build.write_dataset_metadata(dataset, opts, [plan], rows)
+    assert list(info["files"]) == ["kernel/a.py"] and len(info["build_id"]) == 12 and info["models"] == ["m"]
+    assert json.loads((dataset / "BUILD.json").read_text())["build_id"] == info["build_id"]
+    meta = json.loads((dataset / "dataset-metadata.json").read_text())
+    assert meta == {"title": "glr2021-kernel bundle", "id": "tester/glr2021-kernel", "licenses": [{"name": "CC0-1.0"}]}
+    nb_rows = build.write_notebooks(tmp_path / "staging", opts, info["build_id"], rows, [plan], {"store"})
+    assert [r["id"] for r in nb_rows] == ["tester/glr2021-kernel-recognition", "tester/glr2021-kernel-retrieval"]
+    assert nb_rows[1]["models"] == ["m"] and nb_rows[0]["models"] == []
+    script = (tmp_path / "staging" / "notebook" / "retrieval" / "glr2021-kernel-retrieval.py").read_text()
+    assert f"BUILD_ID = {info['build_id']!r}" in script and f"'m.pth': '{'ab' * 32}'" in script
+    assert "STORE = 'store'" in script and "INDEX_STORE = None" in script and "TRAIN_LABELS = None" in script
+    assert "PREDICT_ARGS = ['--chunks', '1']" in script
+    km = json.loads((tmp_path / "staging" / "notebook" / "retrieval" / "kernel-metadata.json").read_text())
+    assert km["kernel_type"] == "script" and km["competition_sources"] == ["landmark-retrieval-2021"]
+
+
+def test_publish_replaces_an_earlier_build_in_one_rename(tmp_path):
+    from kernel.bundle.build import make_staging, publish
+
+    out = tmp_path / "build"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    staging = make_staging(out)
+    assert staging.parent == tmp_path and staging.name.startswith(".build.staging-")
+    (staging / "report.json").write_text('{"new": true}')
+    publish(staging, out)
+    assert json.loads((out / "report.json").read_text()) == {"new": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]  # no staging or old folder left

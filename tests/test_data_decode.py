@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from kernel.data.decode import DecodeError, decode_image, decode_resized, resize_square
+from kernel.demo import SAMPLE_DIR
 
-SAMPLES = sorted((Path(__file__).resolve().parents[1] / "kernel" / "sample_data" / "gldv2").glob("*.jpg"))
+SAMPLES = sorted(SAMPLE_DIR.glob("*.jpg"))
 
 
 def _rgb(h=48, w=64, seed=0) -> np.ndarray:

@@ -20,11 +20,12 @@ import kernel.extract.planning
 from kernel import store as kstore
 from kernel.cli import main
 from kernel.data.sources import folder_source
+from kernel.demo import SAMPLE_DIR
 from kernel.errors import KernelError
 from kernel.models import load_manifest, select
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = sorted((ROOT / "kernel" / "sample_data" / "gldv2").glob("*.jpg"))
+SAMPLES = sorted(SAMPLE_DIR.glob("*.jpg"))
 THREE = ["dolg_effnet_b7_448_s1", "hybrid_b6_swin384_384", "effnet_b5_704"]  # one per family, sizes 32/64/96
 BROKEN = {"broken_empty": "empty file", "broken_text": "not an image", "broken_trunc": "truncated"}
 

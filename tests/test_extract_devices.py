@@ -19,13 +19,14 @@ from kernel import multidevice as md
 from kernel import store as kstore
 from kernel.extract import loop
 from kernel.data.sources import folder_source
+from kernel.demo import SAMPLE_DIR
 from kernel.errors import KernelError
 from kernel.models import load_manifest, select
 
 pytestmark = pytest.mark.slow  # end-to-end: subprocesses, whole runs (the fast loop skips them)
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = sorted((ROOT / "kernel" / "sample_data" / "gldv2").glob("*.jpg"))
+SAMPLES = sorted(SAMPLE_DIR.glob("*.jpg"))
 TWO = ["dolg_effnet_b7_448_s1", "hybrid_b6_swin384_384"]  # two families, two input sizes
 
 
@@ -224,8 +225,8 @@ def test_workers_stop_when_their_parent_is_killed(tiny_weights, tmp_path):
 
 
 def test_predict_uses_every_device_and_writes_the_same_submission(tiny_weights, tmp_path, monkeypatch):
+    from kernel.demo.competition import make_competition, sample_photos
     from kernel.predict import PredictOptions, predict
-    from kernel.sample_competition import make_competition, sample_photos
 
     comp = make_competition(tmp_path / "comp", seed=3, photos=sample_photos()[:5])
     weights, manifest = tiny_weights

@@ -14,6 +14,7 @@ from torch import nn
 
 from kernel import store as kstore
 from kernel.data.sources import folder_source
+from kernel.demo import SAMPLE_DIR
 from kernel.errors import KernelError
 from kernel.extract import ExtractSummary, api, loop, resume
 from kernel.extract.planning import DEFAULT_BATCH, batch_sizes
@@ -186,7 +187,7 @@ def test_an_extraction_reports_the_images_its_nan_guard_recomputed(tiny_weights,
     monkeypatch.setattr(kernel.models, "load_model", lambda entry, weights_dir, device: _OverflowFirst().eval())
     images = tmp_path / "images"
     images.mkdir()
-    for p in sorted((ROOT / "kernel" / "sample_data" / "gldv2").glob("*.jpg"))[:4]:
+    for p in sorted(SAMPLE_DIR.glob("*.jpg"))[:4]:
         shutil.copy(p, images / p.name)
     entries = select(load_manifest(tiny_weights[1]), ["effnet_b5_704"])
     s = api.extract(entries, tiny_weights[0], folder_source(images), "test", tmp_path / "s", device="cpu",

@@ -281,7 +281,7 @@ class _Payload:
 
 def _tiny_entry_and_state():
     from kernel.models import build_model
-    from kernel.models.demo import deterministic_state_dict, original_layout, preset_entries
+    from kernel.demo.weights import deterministic_state_dict, original_layout, preset_entries
 
     entry = preset_entries("tiny")[-1]  # a small EfficientNet
     return entry, deterministic_state_dict(original_layout(build_model(entry)))

@@ -6,7 +6,7 @@ import pytest
 
 from kernel.errors import KernelError
 from kernel.models import build_model, load_manifest, select, validate_manifest
-from kernel.models.demo import REPO_MANIFEST, preset_entries
+from kernel.demo.weights import REPO_MANIFEST, preset_entries
 
 SPEC_NAMES = [
     "dolg_effnet_b5_768", "dolg_effnet_b6_768", "dolg_effnet_b7_448_s1", "hybrid_b3_swin224_896",

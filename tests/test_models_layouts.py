@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kernel.models import build_model, load_weights
-from kernel.models.demo import deterministic_state_dict, preset_entries
+from kernel.demo.weights import deterministic_state_dict, preset_entries
 from tests.conftest import FIXTURES
 
 LAYOUTS = FIXTURES / "layouts"

@@ -7,7 +7,7 @@ import torch
 
 from kernel.errors import KernelError
 from kernel.models import CheckpointError, build_model, load_model, load_weights
-from kernel.models.demo import deterministic_state_dict, original_layout, preset_entries
+from kernel.demo.weights import deterministic_state_dict, original_layout, preset_entries
 
 TINY = {e["name"]: e for e in preset_entries("tiny")}
 

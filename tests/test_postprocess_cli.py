@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from kernel import metrics, search, store, submission, synthetic
+from kernel import metrics, search, store, submission
+from tests import synthetic
 from kernel.cli import main
 from kernel.postprocess import pipeline
 

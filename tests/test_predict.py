@@ -9,8 +9,8 @@ import time
 import pandas as pd
 import pytest
 
+from kernel.demo.competition import make_competition, sample_photos
 from kernel.predict import PredictOptions, predict
-from kernel.sample_competition import make_competition, sample_photos
 from kernel.submission import check_submission
 from tests.conftest import ROOT
 

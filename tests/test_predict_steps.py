@@ -18,7 +18,7 @@ B5, B6 = "dolg_effnet_b5_768", "effnet_b6_512"  # manifest priorities 1 and 5
 
 @pytest.fixture(scope="module")
 def competition(tmp_path_factory):
-    from kernel.sample_competition import make_competition, sample_photos
+    from kernel.demo.competition import make_competition, sample_photos
 
     return make_competition(tmp_path_factory.mktemp("comp"), seed=3, photos=sample_photos()[:5])
 

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -34,7 +35,7 @@ def test_profile_json_has_every_model_and_a_plan(tiny_weights, tmp_path):
 def test_full_manifest_projection_matches_spec_flops():
     """Backbone FLOPs of SPEC §6 are a lower bound of our whole-model counts (heads add the rest)."""
     from kernel.budget import count_gflops
-    from kernel.models.demo import preset_entries
+    from kernel.demo.weights import preset_entries
 
     by = {e["name"]: e for e in preset_entries("full")}
     assert abs(count_gflops(by["effnet_b3_768"]) - 22.6) < 0.3  # pure EfficientNet: backbone + tiny FC
@@ -90,3 +91,22 @@ def test_bad_efficiency_is_one_clear_error(capsys):
     for bad in ("effnet=x", "k80:effnet=0.1", "swin=0.2", "effnet=3"):
         assert _profile("--efficiency", bad) == 2
         assert f"--efficiency {bad}" in capsys.readouterr().err
+
+
+def test_plot_is_a_matplotlib_png_of_the_expected_size(tmp_path):
+    from kernel import profile
+
+    rows = [{"name": "dolg_effnet_b5_768", "gflop": 55.0, "t4x2_recognition_hours": 0.8, "t4x2_retrieval_hours": 2.1},
+            {"name": "effnet_b3_768", "gflop": 22.6, "t4x2_recognition_hours": 0.4, "t4x2_retrieval_hours": None},
+            {"name": "effnet_b5_704", "gflop": 30.0, "t4x2_recognition_hours": None, "t4x2_retrieval_hours": 1.2}]
+    plans = [{"track": t, "target": "t4x2", "projected_hours": h, "budget_hours": 12.0, "kept": ["a", "b"],
+              "dropped": []} for t, h in (("recognition", 1.7), ("retrieval", 3.8))]
+    png = tmp_path / "plots" / "p.png"
+    profile.plot(rows, plans, png, "Projected t4x2 hours per model (test)")
+    width, height = profile.plot_size(3, 2)
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (round(width * profile.PLOT_DPI), round(height * profile.PLOT_DPI))
+        colours = {c for _, c in im.convert("RGB").getcolors(1 << 20)}
+    assert (0x34, 0x65, 0xA4) in colours and (0xCC, 0x66, 0x00) in colours  # a bar of each track
+    source = Path(profile.__file__).read_text()
+    assert "ImageDraw" not in source and "from PIL" not in source  # drawn with matplotlib, not PIL

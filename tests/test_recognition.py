@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from kernel import metrics, synthetic
+from kernel import metrics
+from tests import synthetic
 from kernel.postprocess import pipeline
 from kernel.postprocess import recognition as rec
 

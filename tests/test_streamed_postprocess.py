@@ -19,7 +19,7 @@ from kernel.postprocess import knn, pipeline, prepared, reference
 from kernel.postprocess import recognition as rec
 from kernel.postprocess import retrieval as ret
 from kernel.prepare import prepare_recognition, prepare_retrieval
-from kernel.synthetic import SyntheticConfig, generate, write_store
+from tests.synthetic import SyntheticConfig, generate, write_store
 
 CONFIG = SyntheticConfig(n_landmarks=60, train_max=12, n_bank=90, index_landmarks=40, index_per_landmark=4,
                          index_distractors=150, retrieval_queries=40, retrieval_nonlandmark_queries=8,

@@ -1,5 +1,4 @@
 """Corner-Cutmix geometry and labels, the dual-stream loss, Cutout, the 2021 pipeline."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,6 +6,7 @@ import torch
 from torchvision.transforms import v2
 
 from kernel.data.decode import decode_image, decode_resized
+from kernel.demo import SAMPLE_DIR
 from kernel.models import IMAGENET_MEAN, IMAGENET_STD
 from kernel.train.augment import Cutout, JpegQuality, SquareResize, eval_transform, train_transform
 from kernel.train.data import LandmarkDataset
@@ -96,7 +96,7 @@ def test_jpeg_quality_round_trip_is_near_lossless_at_99():
     assert (out.float() - img.float()).abs().mean() < 3
 
 
-PHOTOS = sorted((Path(__file__).resolve().parents[1] / "kernel" / "sample_data" / "gldv2").glob("*.jpg"))
+PHOTOS = sorted(SAMPLE_DIR.glob("*.jpg"))
 
 
 @pytest.mark.skipif(not PHOTOS, reason="the bundled sample photos are missing")

@@ -8,7 +8,7 @@ import torch
 
 from kernel.errors import KernelError
 from kernel.models import build_model, load_manifest, load_weights
-from kernel.models.demo import REPO_MANIFEST, preset_entries
+from kernel.demo.weights import REPO_MANIFEST, preset_entries
 from kernel.train.checkpoint import atomic_save, from_original, load_record, model_record, to_original, transfer
 from kernel.train.data import ClassMap
 from kernel.train.nets import Retrieval2020Net, SwinNeck, Trainee, attach_head, build_net, get_head

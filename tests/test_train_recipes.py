@@ -5,7 +5,7 @@ import pytest
 
 from kernel.errors import KernelError
 from kernel.models import load_manifest
-from kernel.models.demo import REPO_MANIFEST
+from kernel.demo.weights import REPO_MANIFEST
 from kernel.train.recipes import REQUIRED, RECIPES, STEP_DEFAULTS, get_recipe, resolve_step, validate_recipe
 
 ENTRIES = load_manifest(REPO_MANIFEST)

@@ -2,7 +2,10 @@
 
 Modules, one idea each:
 
-- :mod:`kernel.bundle.build`: validate everything, stage, publish ``out/`` in one rename;
+- :mod:`kernel.bundle.build`: the options (:class:`~kernel.bundle.build.BundleOptions`); validate everything,
+  stage, publish ``out/`` in one rename;
+- :mod:`kernel.bundle.checks`: the validation of every input (models, checkpoints, stores, labels, ``out``);
+- :mod:`kernel.bundle.ship`: what goes into the dataset (package, checkpoints, stores, prepared artefacts, wheels);
 - :mod:`kernel.bundle.convert`: head stripping / fp16 conversion of checkpoints, checked on real descriptors;
 - :mod:`kernel.bundle.wheels`: the wheels for an offline ``pip install --no-index`` (cache or ``pip download``);
 - :mod:`kernel.bundle.notebook`: the notebook's plain-Python cells and ``kernel-metadata.json``;
@@ -78,10 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from kernel.bundle.build import build_bundle
+    from kernel.bundle.build import BundleOptions, build_bundle
     from kernel.bundle.report import render
 
-    report = build_bundle(
+    report = build_bundle(BundleOptions(
         args.weights, args.out, args.user, manifest=args.manifest, slug=args.slug, title=args.title,
         track=args.track, models=args.models, store=args.store, index_store=args.index_store,
         train_labels=args.train_labels, headless=args.headless, fp16=args.fp16, strip_heads=args.strip_heads,
@@ -89,7 +92,7 @@ def run(args) -> int:
         wheel_dirs=args.wheel_dir, allow_download=not args.no_download, license_name=args.license,
         deadline_hours=args.deadline_hours, predict_args=shlex.split(args.predict_args), private=not args.public,
         progress=not args.no_progress, accelerator=args.accelerator,
-    )
+    ))
     print(render(report, full=False), end="")
     print(f"full file list: {args.out}/report.txt")
     return 0

@@ -10,25 +10,24 @@ Two conversions, both optional (:func:`convert_checkpoint`):
   check requires a per-image cosine of at least ``tolerance`` (default 0.999) between the descriptors of the
   original and the converted checkpoint.
 
-The check batch is real photos (the Google-Landmarks samples bundled in ``kernel/sample_data``) resized to the
+The check batch is real photos (the Google-Landmarks samples bundled in ``kernel/demo/sample_data``) resized to the
 model's input size, not noise: what is compared is what the kernel will compute.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from kernel.demo import SAMPLE_DIR  # the check photos
 from kernel.errors import KernelError
 
 log = logging.getLogger(__name__)
 
 HEAD_PREFIXES = ("head.", "metric_classify.")
 DEFAULT_FP16_TOLERANCE = 0.999
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_data" / "gldv2"
 
 
 class ConversionError(KernelError):

@@ -310,7 +310,7 @@ def resolve_step(name: str, step: int, entries: list[dict] | None = None, overri
     else:
         if entries is None:
             from kernel.models import load_manifest
-            from kernel.models.demo import REPO_MANIFEST
+            from kernel.demo.weights import REPO_MANIFEST
 
             entries = load_manifest(REPO_MANIFEST)
         match = [e for e in entries if e["name"] == recipe["model"]]

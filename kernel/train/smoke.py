@@ -1,6 +1,6 @@
 """``python -m kernel.train smoke``: proof on a CPU, in minutes, that the training loop learns.
 
-The 13 photographs bundled in ``kernel/sample_data/gldv2`` become 13 classes: each photo gives several views
+The 13 photographs bundled in ``kernel/demo/sample_data/gldv2`` become 13 classes: each photo gives several views
 (random crops, flips, colour jitter, small rotations) written as JPEGs in the GLDv2 ``a/b/c`` folder layout with
 a ``train.csv``, so the run goes through the same CSV reader, dataset, augmentation, loss, optimiser,
 schedule, checkpoints and validation as a real one. Some views of every photo are held out; the mAP@100 of
@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from kernel.demo import SAMPLE_DIR as SAMPLES
 from kernel.errors import KernelError
 
 log = logging.getLogger(__name__)
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_data" / "gldv2"
 # family -> (tiny demo entry it trains, Adam learning rate); quick mode trains the first only. The Swin of the
 # hybrid needs a 10x lower rate than the convolutional nets, as in the real recipes' transformer steps.
 FAMILIES = {"effnet": ("effnet_b6_512", 1e-2), "dolg": ("dolg_effnet_b5_768", 1e-2),
@@ -79,7 +79,7 @@ def run_smoke(quick: bool = False, out: str | Path | None = None, families=None,
               lr: float | None = None, image_size: int = 64) -> dict:
     """Generate the data, train, and return ``{"map_before", "map_after", ...}`` (the first family's numbers at
     the top level, every family's under ``"families"``)."""
-    from kernel.models.demo import preset_entries
+    from kernel.demo.weights import preset_entries
     from kernel.train.data import holdout, read_labels
     from kernel.train.fit import StepRun
 

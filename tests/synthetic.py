@@ -16,7 +16,7 @@ The world is built in a small latent space and then seen through several "models
   so an ensemble averages model noise away; models belong to the SPEC families.
 
 :func:`write_store` writes one track's descriptor store, ``train.csv`` and Kaggle solution file.
-``python -m kernel.synthetic --out DIR --track retrieval`` does the same from the command line.
+``python -m tests.synthetic --out DIR --track retrieval`` does the same from the command line.
 """
 from __future__ import annotations
 
@@ -224,7 +224,7 @@ def write_store(world: SyntheticWorld, out: str | Path, track: str, models=None,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernel.synthetic", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tests.synthetic", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for store/, train.csv and solution.csv")
     p.add_argument("--track", required=True, choices=["recognition", "retrieval"])
     p.add_argument("--seed", type=int, default=0)

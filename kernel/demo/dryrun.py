@@ -1,7 +1,7 @@
 """``python -m kernel dry-run``: the whole Kaggle job, locally, from nothing but the installed project.
 
 1. builds a sample competition (both tracks) from the real Google-Landmarks photos bundled in the package,
-   with derived views, non-landmark distractors and one broken image (:mod:`kernel.sample_competition`);
+   with derived views, non-landmark distractors and one broken image (:mod:`kernel.demo.competition`);
 2. writes demo weights (``--preset tiny``: tiny backbones, about a minute on 2 CPU cores; ``full``: the nine
    real architectures, for a GPU machine);
 3. precomputes the train / index / non-landmark descriptors into a store, as one does offline before
@@ -70,9 +70,9 @@ def dry_run(out="dry-run", preset: str = "tiny", device=None, seed: int = 0, pro
     from kernel.data.sources import folder_source, kaggle_path, kaggle_split
     from kernel.extract import extract
     from kernel.models import load_manifest, select
-    from kernel.models.demo import write_demo_weights
+    from kernel.demo.competition import make_competition
+    from kernel.demo.weights import write_demo_weights
     from kernel.predict import PredictOptions, predict
-    from kernel.sample_competition import make_competition
     from kernel.validate import validate
 
     from kernel.cli import claim_dir

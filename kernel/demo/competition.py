@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data" / "gldv2"
+from kernel.demo import SAMPLE_DIR
 
 
 # photos (file stems) showing the same place, grouped by looking at them; the rest are a landmark each
