@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from kernel.errors import KernelError
+from kernel.models.checkpoint import HEAD_PREFIXES
 
 log = logging.getLogger(__name__)
 
-HEAD_PREFIXES = ("head.", "metric_classify.")
 DEFAULT_FP16_TOLERANCE = 0.999
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_data" / "gldv2"
 

@@ -375,7 +375,7 @@ class StepRun:
         sd = ckpt.from_original(rec["model"], family)
         pop = list(init.get("pop", []))
         if rec.get("class_map") != self.class_map.landmark_ids:
-            pop.append(ckpt_head_key(self.net) + ".")
+            pop.append(self.net.head_key + ".")
             log.info("%s: other classes than this step's data: its training head is not loaded", path)
         return ckpt.transfer(self.net, sd, pop=pop, min_fraction=0.3, what=f"init from {path}")
 
@@ -487,12 +487,6 @@ class StepRun:
             if env.world > 1:
                 dist.barrier()
         return self.history
-
-
-def ckpt_head_key(net) -> str:
-    from kernel.train.nets import HEAD_KEY
-
-    return HEAD_KEY[net.family]
 
 
 def _fmt(m: dict) -> str:
