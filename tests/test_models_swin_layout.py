@@ -17,8 +17,8 @@ def _old_keys(name):
 
 
 def test_the_documented_example():
-    assert old_to_new("backbone.layers.0.downsample.reduction.weight") == "backbone.layers.1.downsample.reduction.weight"
-    assert new_to_old("backbone.layers.1.downsample.reduction.weight") == "backbone.layers.0.downsample.reduction.weight"
+    old, new = "backbone.layers.0.downsample.reduction.weight", "backbone.layers.1.downsample.reduction.weight"
+    assert old_to_new(old) == new and new_to_old(new) == old
     for key in ("backbone.layers.0.blocks.1.attn.qkv.weight", "backbone.patch_embed.backbone.blocks.2.0.conv_pw.weight",
                 "neck.0.weight", "head.weight"):
         assert old_to_new(key) == key == new_to_old(key)

@@ -6,10 +6,10 @@ environment; NCCL on GPUs, Gloo on CPUs; a collective timeout sized for validati
 recipes' schedules (per-iteration cosine / poly with linear warm-up, or the 2020 code's per-epoch one),
 gradient accumulation and optional clipping, a NaN guard that skips a step on every rank together and stops
 after too many in a row, a progress bar, per-epoch validation sharded over the ranks (GAP and mAP@100 of
-held-out images, with the project's own metrics: :mod:`kernel.train.validation`), a warning when the GPU count differs from the recipe's,
-a refusal to start when tensors the original starts pretrained get no weights, and after every epoch an
-atomically written ``model.pth`` (original layout, loadable by :func:`kernel.models.load_weights`) and
-``last.pth`` (resumable).
+held-out images, with the project's own metrics: :mod:`kernel.train.validation`), a warning when the GPU
+count differs from the recipe's, a refusal to start when tensors the original starts pretrained get no
+weights, and after every epoch an atomically written ``model.pth`` (original layout, loadable by
+:func:`kernel.models.load_weights`) and ``last.pth`` (resumable).
 """
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 - The nine ensemble members come from the model zoo (:func:`kernel.models.build_model`). The training head is
   attached to the zoo model under the original key, the model class's ``head_key`` (``head`` for dolg/hybrid,
-  ``metric_classify`` for the pure EfficientNets; weight ``(n_classes * k, 512)``), so ``net.state_dict()`` *is* the original training layout
-  and :func:`kernel.models.load_weights` reads a trained checkpoint back (it drops heads).
+  ``metric_classify`` for the pure EfficientNets; weight ``(n_classes * k, 512)``), so ``net.state_dict()``
+  *is* the original training layout and :func:`kernel.models.load_weights` reads a trained checkpoint back
+  (it drops heads).
 - :class:`SwinNeck`: the hybrid's first step, a plain Swin (its own patch embedding) with the FC-BN-PReLU neck;
   its keys are the hybrid's (``backbone.*``, ``neck.*``), so the next step inherits everything but the patch
   embedding.
