@@ -1,4 +1,5 @@
-"""Train labels (``train.csv``: ``id,landmark_id``), read once and checked before anything depends on them.
+"""Train labels (``train.csv``: ``id,landmark_id``), read once and checked before anything depends on them:
+the one reader and set of checks of post-processing and of training (:func:`kernel.train.data.read_labels`).
 
 Kaggle compares submissions as text: a recognition answer scores only when its landmark id is written exactly
 as the solution file writes it, which is a plain non-negative decimal integer (``1005``, never ``1005.0``,
@@ -14,6 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from kernel.errors import KernelError
@@ -60,34 +62,33 @@ def first_bad_id(ids) -> tuple[str, str] | None:
     return next((i, id_problem(i)) for i in ids if id_problem(i))
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_label_csv(path: str | Path, what: str = "train labels") -> pd.DataFrame:
+    """A label CSV as text (every column ``str``, nothing read as missing); ``what`` names the file in errors."""
+    path = Path(path)
     if not path.is_file():
-        raise KernelError(f"{path}: train labels file not found")
+        raise KernelError(f"{path}: {what} file not found")
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise KernelError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except Exception as exc:  # parser errors, empty file, a field past the parser's limits
-        raise KernelError(f"{path}: cannot read train labels ({type(exc).__name__}: {exc})") from None
+        raise KernelError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from None
 
 
-def read_train_labels(train_labels) -> pd.Series:
-    """``train.csv`` (``id,landmark_id``) or a DataFrame with those columns -> Series id -> landmark id (str).
+def check_train_labels(df: pd.DataFrame, name: str, lines=None) -> pd.Series:
+    """Columns ``id`` and ``landmark_id`` of ``df`` (text) -> Series id -> landmark id (str), both stripped.
 
-    Raises :class:`KernelError` naming the file and line (header = line 1) for a missing column, an empty,
-    non-integer, negative or too large landmark id, an id a CSV cannot hold, or an id listed twice.
+    Raises :class:`KernelError` naming ``name`` and the line for a missing column, an empty, non-integer,
+    negative or too large landmark id, an id a CSV cannot hold, or an id listed twice. ``lines``: the file line
+    of each row (default: row + 2, the header being line 1).
     """
-    if isinstance(train_labels, pd.DataFrame):
-        name, df = "train labels", train_labels
-    else:
-        path = Path(train_labels)
-        name, df = str(path), _read_csv(path)
     for col in ("id", "landmark_id"):
         if col not in df.columns:
             raise KernelError(f"{name}: column '{col}' is missing (columns: {', '.join(map(str, df.columns))})")
     ids = df["id"].astype(str).str.strip()
     labels = df["landmark_id"].astype(str).str.strip()
-    where = lambda row: f"{name}:{row + 2}"  # noqa: E731 - data line of row ``row`` (0-based)
+    line = np.arange(len(df)) + 2 if lines is None else np.asarray(lines)
+    where = lambda row: f"{name}:{line[row]}"  # noqa: E731 - file line of row ``row`` (0-based)
     bad = ~labels.str.fullmatch(LANDMARK_ID.pattern) | (labels.str.len() > 19)
     for row in map(int, bad.to_numpy().nonzero()[0][:1]):
         raise KernelError(f"{where(row)}: landmark_id {labels.iloc[row]!r} {landmark_id_problem(labels.iloc[row])}")
@@ -102,3 +103,11 @@ def read_train_labels(train_labels) -> pd.Series:
         row = int(dup.to_numpy().nonzero()[0][0])
         raise KernelError(f"{where(row)}: id {ids.iloc[row]} appears twice")
     return pd.Series(labels.to_numpy(), index=ids.to_numpy())
+
+
+def read_train_labels(train_labels) -> pd.Series:
+    """``train.csv`` (``id,landmark_id``) or a DataFrame with those columns -> Series id -> landmark id (str),
+    checked by :func:`check_train_labels`."""
+    if isinstance(train_labels, pd.DataFrame):
+        return check_train_labels(train_labels, "train labels")
+    return check_train_labels(read_label_csv(train_labels), str(train_labels))

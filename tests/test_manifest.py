@@ -78,3 +78,33 @@ def test_ensemble_table_is_the_repository_manifest():
 
     entries = json.loads((ROOT / "weights_manifest.json").read_text())["models"]
     assert [(e["name"], e["family"], tuple(e["tracks"])) for e in entries] == list(ENSEMBLE)
+
+
+def test_an_older_manifest_with_group_loads_and_says_it_is_ignored(tmp_path, caplog):
+    """'group' was required once and read by nothing (recognition averages by family): an older manifest still
+    loads, the same as today's, with one logged note."""
+    import logging
+
+    data = json.loads(REPO_MANIFEST.read_text())
+    assert not any("group" in e for e in data["models"])
+    for e in data["models"]:
+        e["group"] = e["family"]
+    old = tmp_path / "weights_manifest.json"
+    old.write_text(json.dumps(data))
+    with caplog.at_level(logging.INFO, logger="kernel.models.manifest"):
+        entries = load_manifest(old)
+    assert entries == load_manifest(REPO_MANIFEST)
+    notes = [r.getMessage() for r in caplog.records if "group" in r.getMessage()]
+    assert notes == [f"{old}: field 'group' is no longer used (recognition averages descriptors by 'family'); ignored"]
+
+
+def test_every_field_the_validator_knows_is_documented():
+    """The module docstring's field tables name every field validate_entry accepts, and only those."""
+    from kernel.models import manifest
+
+    fields = {*manifest._COMMON, *manifest._OPTIONAL}
+    fields |= {f for family in manifest._FAMILY_FIELDS.values() for f in family}
+    table = [line.strip().split("  ")[0] for line in manifest.__doc__.splitlines() if line.startswith("    ")]
+    documented = {name.strip() for row in table for name in row.split("/")}
+    assert documented == fields
+    assert all(f"``{f}``" in manifest.__doc__ for f in manifest.RETIRED)

@@ -27,9 +27,15 @@ def test_wrappers_and_prefixes(tmp_path, wrapper):
 
 
 def test_fp16_checkpoint_loads_into_fp32_model():
+    """A half-precision checkpoint (what the bundle's fp16 conversion ships) gives an fp32 model holding its values."""
     model, sd = _ckpt("effnet_b3_768")
-    load_weights(model, {k: v.half() if v.is_floating_point() else v for k, v in sd.items()})
-    assert model.feat.weight.dtype == torch.float32
+    half = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    load_weights(model, half)
+    own = model.state_dict()
+    assert {v.dtype for v in own.values() if v.is_floating_point()} == {torch.float32}
+    for key, value in half.items():
+        if key in own:  # the training head is dropped
+            assert torch.equal(own[key], value.to(own[key].dtype)), key
 
 
 def test_truncated_file(tmp_path):
@@ -108,5 +114,17 @@ def test_load_model_checks_sha256(tiny_weights, tmp_path):
         load_model(bad, folder)
 
 
-def test_checkpoint_error_is_a_kernel_error():
+def test_checkpoint_error_is_a_kernel_error(tmp_path, capsys):
+    """A checkpoint that does not fit reaches the user as the CLI's one ``error:`` line (exit 2), no traceback."""
+    from types import SimpleNamespace
+
+    from kernel.cli import run_command
+
+    model, sd = _ckpt("effnet_b6_512")
+    del sd["feat.bias"]
+    torch.save(sd, tmp_path / "effnet.pth")
+    rc = run_command(lambda args: load_weights(model, tmp_path / "effnet.pth", "effnet_b6_512"), SimpleNamespace())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith("error: model 'effnet_b6_512': ") and "1 missing keys: feat.bias" in err[0]
     assert issubclass(CheckpointError, KernelError)

@@ -31,22 +31,44 @@ def test_read_both_csv_formats(tmp_path):
     assert len(load_named(tmp_path, "gldv2")) == 3
 
 
-@pytest.mark.parametrize("text, field", [
-    ("image,label\na,1\n", "needs columns"),
-    ("id,landmark_id\na,x\n", "landmark_id"),
-    ("id,landmark_id\na,1\na,2\n", "more than once"),
+@pytest.mark.parametrize("text, message", [
+    ("image,label\na,1\n", "needs columns 'id,landmark_id'"),
+    ("id,landmark_id\na,x\n", "labels.csv:2: landmark_id 'x' is not a non-negative integer"),
+    ("id,landmark_id\na,1\nb,007\n", "labels.csv:3: landmark_id '007' is not a non-negative integer"),
+    ("id,landmark_id\na,1\na,2\n", "labels.csv:3: id a appears twice"),
+    ("id,landmark_id\na b,1\n", "labels.csv:2: id 'a b' holds a comma, quote, whitespace"),
+    # train_clean.csv: the line of the class row that lists the image
+    ("landmark_id,images\n7,a b\n8,c a\n", "labels.csv:3: id a appears twice"),
+    ("landmark_id,images\n7,a b\n-8,c\n", "labels.csv:3: landmark_id '-8' is not a non-negative integer"),
 ])
-def test_bad_csv_names_file_and_field(tmp_path, text, field):
+def test_bad_csv_names_file_line_and_field(tmp_path, text, message):
     p = tmp_path / "labels.csv"
     p.write_text(text)
-    with pytest.raises(KernelError, match=field) as err:
+    with pytest.raises(KernelError, match=message) as err:
         read_labels(p)
-    assert str(p) in str(err.value)
+    assert str(err.value).startswith(f"{p}:")
+
+
+def test_training_reads_train_csv_as_post_processing_does(tmp_path):
+    """One reader (kernel.labels): the same ids and landmarks, as int64 for training, as text for post-processing."""
+    from kernel.labels import read_train_labels
+
+    p = tmp_path / "train.csv"
+    p.write_text("id,url,landmark_id\n aaa1 ,http://x,7\nbbb2,,9223372036854775807\n")
+    df = read_labels(p)
+    assert df["landmark_id"].dtype == np.int64
+    assert df.to_dict("list") == {"id": ["aaa1", "bbb2"], "landmark_id": [7, 2**63 - 1]}
+    assert read_train_labels(p).to_dict() == {"aaa1": "7", "bbb2": "9223372036854775807"}
+    p.write_text("id,landmark_id\na,9223372036854775808\n")
+    with pytest.raises(KernelError, match="train.csv:2: landmark_id '9223372036854775808' is larger"):
+        read_labels(p)
 
 
 def test_missing_files(tmp_path):
-    with pytest.raises(KernelError, match="not found"):
+    with pytest.raises(KernelError, match="nope.csv: train labels file not found"):
         read_labels(tmp_path / "nope.csv")
+    with pytest.raises(KernelError, match="val.csv: validation labels file not found"):
+        read_val_labels(tmp_path / "val.csv")
     with pytest.raises(KernelError, match="unknown data set"):
         load_named(tmp_path, "gldv3")
 

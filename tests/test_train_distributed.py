@@ -21,7 +21,8 @@ def _run(rank: int, world: int, port: int, data: str, manifest: str, out: str) -
     """One rank: build the step, validate (every rank), rank 0 writes the metrics and embeddings."""
     import pandas as pd
 
-    from kernel.train.fit import StepRun, embed_sharded
+    from kernel.train.fit import StepRun
+    from kernel.train.validation import embed_sharded
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))

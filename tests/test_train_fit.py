@@ -234,7 +234,7 @@ def test_margins_count_the_whole_list_not_the_training_part():
 def test_validation_metrics_with_non_landmark_rows():
     """The 2019 test set's distractors (landmark -1): no query, no true landmark, a prediction on one is wrong."""
     from kernel.train.data import ClassMap
-    from kernel.train.fit import validation_metrics
+    from kernel.train.validation import validation_metrics
 
     cm = ClassMap([10, 20])
     e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.7, 0.7]]),
@@ -245,3 +245,33 @@ def test_validation_metrics_with_non_landmark_rows():
     # ranked by confidence: x (wrong), a, b, c, d (right): GAP = (1/2 + 2/3 + 3/4 + 4/5) / 4
     assert m["gap"] == pytest.approx((1 / 2 + 2 / 3 + 3 / 4 + 4 / 5) / 4)
     assert m["map100"] == pytest.approx(1.0)  # each query's one positive ranks first
+
+
+def test_optimisation_trains_only_trainable_parameters_on_the_step_schedule():
+    step = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="cosine", warmup_epochs=1, warmup_start=0.1,
+                epochs=3)
+    net = torch.nn.Linear(4, 2)
+    net.bias.requires_grad = False  # frozen (train_only)
+    optimizer, scheduler, scaler = fitmod.optimisation(net.parameters(), step, 5, torch.bfloat16, torch.device("cpu"))
+    assert optimizer.param_groups[0]["params"] == [net.weight]
+    for it in range(15):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(it, step, 5))
+        optimizer.step()
+        scheduler.step()
+    assert not scaler.is_enabled()  # bf16 needs no grad scaler; fp16 does
+    assert fitmod.optimisation(net.parameters(), step, 5, torch.float16, torch.device("cpu"))[2].is_enabled()
+
+
+def test_one_process_trains_the_plain_trainee(caplog):
+    """Without a process group there is no DDP wrapper (nor a SyncBatchNorm warning): forward gives
+    (descriptors, head logits)."""
+    from kernel.train.nets import attach_head, build_net
+
+    from tests.conftest import ROOT
+
+    entry = next(e for e in load_manifest(ROOT / "weights_manifest.json") if e["family"] == "effnet")
+    net = attach_head(build_net(dict(entry, backbone="test_efficientnet", image_size=32)), 5)
+    trainee = fitmod.wrap_trainee(net, fitmod.Dist(), sync_bn=True)
+    assert type(trainee) is fitmod.Trainee and trainee.net is net and not caplog.records
+    emb, logits = trainee.eval()(torch.randn(2, 3, 32, 32))
+    assert emb.shape == (2, 512) and logits.shape == (2, 5)

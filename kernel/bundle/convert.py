@@ -23,10 +23,10 @@ import torch
 
 from kernel.demo import SAMPLE_DIR  # the check photos
 from kernel.errors import KernelError
+from kernel.models.checkpoint import HEAD_PREFIXES
 
 log = logging.getLogger(__name__)
 
-HEAD_PREFIXES = ("head.", "metric_classify.")
 DEFAULT_FP16_TOLERANCE = 0.999
 
 

@@ -17,12 +17,12 @@ import hashlib
 import json
 import logging
 import math
-import re
 from pathlib import Path
 
 import torch
 
 from kernel.errors import KernelError
+from kernel.models import swin_layout
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +88,14 @@ def original_layout(model, n_classes: int = DEMO_CLASSES) -> list[tuple[str, lis
     entries = []
     for k, v in model.state_dict().items():
         if model.family == "hybrid":
-            m = re.match(r"backbone\.layers\.(\d+)\.downsample\.(.*)", k)
-            if m:  # current timm: start of stage i+1 -> old timm: end of stage i
-                k = f"backbone.layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}"
+            k = swin_layout.new_to_old(k)
         entries.append((k, list(v.shape), str(v.dtype).replace("torch.", "")))
     if model.family == "hybrid":
         for k, b in model.named_buffers():
             if k.endswith("relative_position_index") or k.endswith("attn_mask"):
                 entries.append((k, list(b.shape), str(b.dtype).replace("torch.", "")))
         entries.append(("global_pool.p", [1], "float32"))
-    head = "metric_classify.weight" if model.family == "effnet" else "head.weight"
+    head = f"{model.head_key}.weight"
     entries.append((head, [n_classes * SUBCENTERS, model.neck[0].out_features if hasattr(model, "neck")
                            else model.feat.out_features], "float32"))
     return entries

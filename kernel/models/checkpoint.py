@@ -2,7 +2,7 @@
 
 What is adapted (in one place per family, ``<Family>.checkpoint_filter``, as timm does):
 - wrappers ``{"model": sd}``, ``{"state_dict": sd}``, ``{"model_state_dict": sd}`` and ``module.`` prefixes;
-- training heads (``head.*``, ``metric_classify.*``) are dropped;
+- training heads (:data:`HEAD_PREFIXES`: ``head.*``, ``metric_classify.*``) are dropped;
 - derived buffers (Swin's ``relative_position_index`` / ``attn_mask``) are never loaded;
 - old timm Swin layout (patch merging at the end of a stage) is moved to current timm's.
 Everything else is strict: a missing or unexpected key or a wrong shape raises :class:`CheckpointError`
@@ -20,10 +20,16 @@ import torch
 from torch import nn
 
 from kernel.errors import KernelError
+from kernel.models.dolg import DOLG
+from kernel.models.effnet import EffNet
+from kernel.models.hybrid import Hybrid, ShapeMismatch
 
 log = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
+#: state-dict key prefixes of the original checkpoints' training heads (each family's ``head_key``):
+#: ``("head.", "metric_classify.")``
+HEAD_PREFIXES = tuple(sorted({f"{cls.head_key}." for cls in (DOLG, Hybrid, EffNet)}))
 _MAX_LISTED = 8
 
 
@@ -120,8 +126,6 @@ def load_weights(model: nn.Module, source, name: str | None = None, trusted: boo
     Returns the model. Raises :class:`CheckpointError` naming the model, the file and the offending keys.
     ``trusted``: see :func:`read_checkpoint`.
     """
-    from kernel.models.hybrid import ShapeMismatch
-
     name = name or getattr(model, "name", type(model).__name__)
     origin = str(source) if isinstance(source, (str, Path)) else "<state dict>"
     obj = read_checkpoint(source, trusted) if isinstance(source, (str, Path)) else source

@@ -23,6 +23,7 @@ from kernel.models.layers import (
 
 class DOLG(nn.Module):
     family = "dolg"
+    head_key = "head"  # the original checkpoints' sub-center ArcFace training head (not part of this module)
 
     def __init__(
         self,
@@ -32,7 +33,6 @@ class DOLG(nn.Module):
         embedding_dim: int = 512,
         local_dim: int = 1024,
         atrous_dim: int = 512,
-        fusion_power: float = 1.0,
         backbone_args: dict | None = None,
     ):
         super().__init__()
@@ -48,7 +48,7 @@ class DOLG(nn.Module):
         self.bn_g = nn.BatchNorm2d(local_dim, eps=1e-3, momentum=0.1)
         self.act_g = nn.SiLU(inplace=True)
         self.global_pool = GeM(p=3.0)
-        self.fusion = OrthogonalFusionPool(power=fusion_power)
+        self.fusion = OrthogonalFusionPool()
         self.neck = make_neck(2 * local_dim, embedding_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,4 +61,4 @@ class DOLG(nn.Module):
     @staticmethod
     def checkpoint_filter(state_dict: dict, model: "DOLG") -> dict:
         """Drop the sub-center ArcFace training head."""
-        return {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+        return {k: v for k, v in state_dict.items() if not k.startswith(DOLG.head_key + ".")}

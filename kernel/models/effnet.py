@@ -16,6 +16,7 @@ from kernel.models.layers import set_stem_stride
 
 class EffNet(nn.Module):
     family = "effnet"
+    head_key = "metric_classify"  # the original checkpoints' ArcFace training head (not part of this module)
 
     def __init__(self, backbone: str, stem_stride: int = 2, embedding_dim: int = 512, backbone_args: dict | None = None):
         super().__init__()
@@ -29,4 +30,4 @@ class EffNet(nn.Module):
     @staticmethod
     def checkpoint_filter(state_dict: dict, model: "EffNet") -> dict:
         """Drop the ArcFace training head."""
-        return {k: v for k, v in state_dict.items() if not k.startswith("metric_classify.")}
+        return {k: v for k, v in state_dict.items() if not k.startswith(EffNet.head_key + ".")}

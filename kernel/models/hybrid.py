@@ -3,9 +3,9 @@ embedding; a 1x1 conv projects its feature map to the Swin embedding width, land
 grid. Swin's pooled output goes through the FC-BN-PReLU neck to 512.
 
 Keys match the 2021 training code (timm 0.4.12): the Swin under ``backbone.*``, the EfficientNet under
-``backbone.patch_embed.backbone.*``, the projection ``backbone.patch_embed.proj``, the neck ``neck.*``.
-:meth:`Hybrid.checkpoint_filter` adapts the old timm Swin layout with timm's own
-``swin_transformer.checkpoint_filter_fn``.
+``backbone.patch_embed.backbone.*``, the projection ``backbone.patch_embed.proj``, the neck ``neck.*``; the
+training head ``head.weight`` is not part of this module. :meth:`Hybrid.checkpoint_filter` moves the old timm
+Swin layout to current timm's (:mod:`kernel.models.swin_layout`).
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import re
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter
 from torch import nn
 
+from kernel.models import swin_layout
 from kernel.models.layers import make_neck, set_stem_stride
 
 
@@ -51,6 +51,7 @@ class HybridEmbed(nn.Module):
 
 class Hybrid(nn.Module):
     family = "hybrid"
+    head_key = "head"  # the original checkpoints' training head (not part of this module)
 
     def __init__(
         self,
@@ -88,17 +89,17 @@ class Hybrid(nn.Module):
         - drops the training head (``head.*``) and ``global_pool.p`` (a GeM the original ``Net`` built but
           never called: Swin pools its tokens itself);
         - drops the embedder's blocks past the feature level (never used) and any classifier end it has;
-        - passes the Swin part through timm's ``checkpoint_filter_fn``, which moves old timm's stage-end
-          patch merging (``layers.i.downsample``) to the start of the next stage and skips the stored
-          ``relative_position_index`` / ``attn_mask`` buffers (they follow from the architecture).
-        Shapes of ``relative_position_bias_table`` are checked first: timm's filter would silently resize a
-        table of the wrong window size, and a wrong architecture must be an error, not a resample.
+        - moves old timm's stage-end patch merging (``layers.i.downsample``) to the start of the next stage
+          (:func:`kernel.models.swin_layout.old_to_new`) when the Swin part is in old timm's layout, and skips
+          the stored ``relative_position_index`` / ``attn_mask`` buffers (they follow from the architecture).
+        Shapes of ``relative_position_bias_table`` are checked first and named: a wrong window size is a wrong
+        architecture, an error, never a resample.
         """
         embed_prefix = "backbone.patch_embed."
         n = model.backbone.patch_embed.num_blocks
         out, swin = {}, {}
         for k, v in state_dict.items():
-            if k.startswith("head.") or k == "global_pool.p":
+            if k.startswith(Hybrid.head_key + ".") or k == "global_pool.p":
                 continue
             if k.startswith(embed_prefix + "backbone."):
                 rest = k[len(embed_prefix + "backbone."):]
@@ -120,7 +121,9 @@ class Hybrid(nn.Module):
         ]
         if bad:
             raise ShapeMismatch(bad)
-        out.update({f"backbone.{k}": v for k, v in swin_checkpoint_filter(swin, model.backbone).items()})
+        rename = swin_layout.old_to_new if swin_layout.is_old_layout(swin) else (lambda k: k)
+        out.update({f"backbone.{rename(k)}": v for k, v in swin.items()
+                    if "relative_position_index" not in k and "attn_mask" not in k})
         return out
 
 

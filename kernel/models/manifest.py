@@ -1,30 +1,41 @@
 """``weights_manifest.json``: one entry per ensemble member, validated before anything is built.
 
-Format: ``{"models": [entry, ...]}``. An entry (SPEC §1 gives the values of the nine real ones)::
+Format: ``{"models": [entry, ...]}``. An entry is a plain JSON object (a dict everywhere in the package; SPEC §1
+gives the values of the nine real ones). Required fields::
 
-    name           unique model name (the SPEC's exact names)
-    family         "dolg" | "hybrid" | "effnet"
-    backbone       timm model name (for a hybrid: the Swin)
-    embedder       hybrid only: timm EfficientNet replacing Swin's patch embedding
-    feature_level  hybrid only: the embedder's feature level (timm ``out_indices``) fed to the Swin
-    image_size     square input size in pixels
+    name           str, unique model name (the SPEC's exact names; letters, digits, '_', '.', '-')
+    family         "dolg" | "hybrid" | "effnet"; recognition averages the descriptors of a family (SPEC §4)
+    backbone       str, timm model name (for a hybrid: the Swin)
+    embedder       str, hybrid only: timm EfficientNet replacing Swin's patch embedding
+    feature_level  int 0-4, hybrid only: the embedder's feature level (timm ``out_indices``) fed to the Swin
+    dilations      three positive ints, dolg only: the dilations of the multi-atrous local branch
+    image_size     int 1-MAX_IMAGE_SIZE, square input size in pixels
     stem_stride    1 or 2 (EfficientNet stem stride)
-    dilations      dolg only: the three dilations of the multi-atrous local branch
-    group          recognition averaging family (descriptors are averaged within a group, SPEC §4)
-    tracks         subset of ["recognition", "retrieval"]
-    checkpoint     checkpoint file name inside the weights folder
-    sha256         the checkpoint's sha256 (hex) or null until pinned
-    priority       1 = most valuable; when time runs short models are dropped from the highest number down
-    backbone_args / embedder_args   optional extra timm keyword arguments (the tiny demo preset uses them)
-    local_dim / atrous_dim          dolg only, optional: widths of the local branch (paper: 1024 / 512)
+    tracks         non-empty subset of ["recognition", "retrieval"]
+    checkpoint     str, checkpoint file name inside the weights folder (not a path)
+    priority       int >= 1; 1 = most valuable; when time runs short models are dropped from the highest down
+
+Optional fields::
+
+    sha256         64 lowercase hex digits, the checkpoint's sha256, or null until pinned
+    embedding_dim  int, descriptor width (default 512)
+    backbone_args / embedder_args   dict, extra timm keyword arguments (the tiny demo preset uses them)
+    local_dim / atrous_dim          int, dolg only: widths of the local branch (default 1024 / 512)
+    description    str, free text
+
+Any other field is refused, except ``group`` (:data:`RETIRED`): older manifests carry it; it is accepted,
+logged once and ignored.
 """
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
 from kernel.errors import KernelError
+
+log = logging.getLogger(__name__)
 
 FAMILIES = ("dolg", "hybrid", "effnet")
 # our reading: the largest input the kernel accepts (the nine models use 384-896, SPEC §1); far beyond it a
@@ -50,7 +61,6 @@ _COMMON = {
     "backbone": str,
     "image_size": int,
     "stem_stride": int,
-    "group": str,
     "tracks": list,
     "checkpoint": str,
     "priority": int,
@@ -58,6 +68,8 @@ _COMMON = {
 _FAMILY_FIELDS = {"dolg": {"dilations": list}, "hybrid": {"embedder": str, "feature_level": int}, "effnet": {}}
 _OPTIONAL = {"sha256": (str, type(None)), "backbone_args": dict, "embedder_args": dict, "embedding_dim": int,
              "local_dim": int, "atrous_dim": int, "description": str}
+#: fields older manifests carry that nothing reads any more -> why; accepted, logged once, dropped
+RETIRED = {"group": "recognition averages descriptors by 'family'"}
 
 
 def _fail(where: str, name: str, field: str, why: str):
@@ -82,7 +94,7 @@ def validate_entry(entry, where: str = "manifest") -> dict:
     for field, typ in _OPTIONAL.items():
         if field in entry and not isinstance(entry[field], typ):
             _fail(where, name, field, f"has the wrong type (got {entry[field]!r})")
-    known = set(fields) | set(_OPTIONAL)
+    known = set(fields) | set(_OPTIONAL) | set(RETIRED)
     unknown = sorted(set(entry) - known)
     if unknown:
         _fail(where, name, unknown[0], "is not a known manifest field")
@@ -111,9 +123,12 @@ def validate_entry(entry, where: str = "manifest") -> dict:
 
 
 def validate_manifest(data, where: str = "manifest") -> list[dict]:
+    """Check every entry (:func:`validate_entry`) and the list; returns the entries without
+    :data:`RETIRED` fields."""
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
         raise KernelError(f"{where}: expected an object with a 'models' list")
     entries = [validate_entry(e, where) for e in data["models"]]
+    entries = _drop_retired(entries, where)
     names = [e["name"] for e in entries]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -121,6 +136,13 @@ def validate_manifest(data, where: str = "manifest") -> list[dict]:
     if not entries:
         raise KernelError(f"{where}: 'models' is empty")
     return entries
+
+
+def _drop_retired(entries: list[dict], where: str) -> list[dict]:
+    for field, why in RETIRED.items():
+        if any(field in e for e in entries):
+            log.info("%s: field '%s' is no longer used (%s); ignored", where, field, why)
+    return [{k: v for k, v in e.items() if k not in RETIRED} for e in entries]
 
 
 def load_manifest(path: str | Path) -> list[dict]:

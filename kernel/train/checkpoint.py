@@ -7,13 +7,13 @@ Files a step writes into its output folder (every write atomic: temporary file, 
   "class_map": [landmark ids in class order], "recipe", "step", "epoch", "arch", "metrics"}``.
   :func:`kernel.models.load_weights` reads it directly (it unwraps ``"model"`` and drops the head).
   Hybrid / Swin state dicts are written in old timm's layout (patch merging at the *end* of stage i,
-  ``layers.i.downsample``), the layout of the published checkpoints that the zoo adapts on loading.
+  ``layers.i.downsample``, :mod:`kernel.models.swin_layout`), the layout of the published checkpoints that
+  the zoo adapts on loading.
 - ``last.pth``: the same plus optimiser, scheduler, grad-scaler and sampler state, for ``--resume``.
 """
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,36 +21,28 @@ import torch
 from torch import nn
 
 from kernel.errors import KernelError
+from kernel.models.swin_layout import new_to_old, old_to_new
 from kernel.store import atomic_write
 
 log = logging.getLogger(__name__)
 
-_NEW_DOWNSAMPLE = re.compile(r"^(backbone\.layers\.)(\d+)(\.downsample\..*)$")
+_SWIN_FAMILIES = ("hybrid", "swin")
 
 
 def to_original(state_dict: dict, family: str) -> dict:
     """Current-timm keys -> the original training layout (Swin patch merging moved to the end of the
-    previous stage)."""
-    if family not in ("hybrid", "swin"):
+    previous stage, :func:`kernel.models.swin_layout.new_to_old`)."""
+    if family not in _SWIN_FAMILIES:
         return dict(state_dict)
-    out = {}
-    for k, v in state_dict.items():
-        m = _NEW_DOWNSAMPLE.match(k)
-        out[f"{m.group(1)}{int(m.group(2)) - 1}{m.group(3)}" if m else k] = v
-    return out
+    return {new_to_old(k): v for k, v in state_dict.items()}
 
 
 def from_original(state_dict: dict, family: str) -> dict:
     """Inverse of :func:`to_original` (drops Swin's derived ``relative_position_index`` / ``attn_mask``)."""
-    if family not in ("hybrid", "swin"):
+    if family not in _SWIN_FAMILIES:
         return dict(state_dict)
-    out = {}
-    for k, v in state_dict.items():
-        if "relative_position_index" in k or "attn_mask" in k:
-            continue
-        m = _NEW_DOWNSAMPLE.match(k)
-        out[f"{m.group(1)}{int(m.group(2)) + 1}{m.group(3)}" if m else k] = v
-    return out
+    return {old_to_new(k): v for k, v in state_dict.items()
+            if "relative_position_index" not in k and "attn_mask" not in k}
 
 
 def atomic_save(obj, path: str | Path) -> Path:

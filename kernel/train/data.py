@@ -3,6 +3,7 @@
 CSV formats (detected from the header):
 - ``id,landmark_id[,...]``: GLDv2 ``train.csv`` (one row per image; extra columns such as ``url`` ignored);
 - ``landmark_id,images``: GLDv2 ``train_clean.csv`` (one row per class, space-separated image ids).
+Both are read and checked by :mod:`kernel.labels`, as post-processing reads ``train.csv``.
 
 Image folders: ``ROOT/a/b/c/<id>.jpg`` (the first three characters of the id, as GLDv2 and Kaggle ship them)
 or flat ``ROOT/<id>.jpg``; the layout is detected once from the first image.
@@ -28,6 +29,7 @@ from torch.utils.data import Dataset, Sampler
 
 from kernel.data.decode import DecodeError
 from kernel.errors import KernelError
+from kernel.labels import check_train_labels, read_label_csv
 
 log = logging.getLogger(__name__)
 
@@ -39,37 +41,24 @@ DATASETS = {
 }
 
 
-def read_labels(path: str | Path) -> pd.DataFrame:
-    """Read a label CSV in either format; returns a frame ``id`` (str), ``landmark_id`` (int64)."""
-    path = Path(path)
-    if not path.is_file():
-        raise KernelError(f"{path}: label CSV not found")
-    try:
-        df = pd.read_csv(path, dtype={"id": str, "images": str}, keep_default_na=False)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise KernelError(f"{path}: not a readable CSV ({exc})") from None
+def read_labels(path: str | Path, what: str = "train labels") -> pd.DataFrame:
+    """Read a label CSV in either format; returns a frame ``id`` (str), ``landmark_id`` (int64).
+
+    Read and checked by :mod:`kernel.labels` (the post-processing's reader: Kaggle-written landmark ids, ids a
+    CSV can hold, no id twice; errors name the file and line). ``what`` names the file in those errors."""
+    df = read_label_csv(path, what)
     cols = set(df.columns)
-    if {"id", "landmark_id"} <= cols:
-        df = df[["id", "landmark_id"]]
-    elif {"landmark_id", "images"} <= cols:
-        df = df[["landmark_id", "images"]].assign(id=df["images"].str.split()).explode("id")
-        df = df.dropna(subset=["id"])[["id", "landmark_id"]]
-    else:
+    lines = None
+    if {"landmark_id", "images"} <= cols and "id" not in cols:  # one row per class: line of each image's row
+        df = df.assign(line=np.arange(len(df)) + 2, id=df["images"].str.split()).explode("id").dropna(subset=["id"])
+        lines = df["line"].to_numpy()
+    elif not {"id", "landmark_id"} <= cols:
         raise KernelError(
             f"{path}: needs columns 'id,landmark_id' (train.csv) or 'landmark_id,images' (train_clean.csv), "
             f"has {', '.join(df.columns)}"
         )
-    lid = pd.to_numeric(df["landmark_id"], errors="coerce")
-    if lid.isna().any():
-        bad = df.loc[lid.isna(), "landmark_id"].iloc[0]
-        raise KernelError(f"{path}: field 'landmark_id' must be an integer (got {bad!r})")
-    df = pd.DataFrame({"id": df["id"].astype(str).str.strip(), "landmark_id": lid.astype(np.int64)})
-    if (df["id"] == "").any():
-        raise KernelError(f"{path}: empty image id in field 'id'")
-    dup = df["id"].duplicated()
-    if dup.any():
-        raise KernelError(f"{path}: image id {df.loc[dup, 'id'].iloc[0]!r} appears more than once")
-    return df.reset_index(drop=True)
+    labels = check_train_labels(df, str(path), lines)
+    return pd.DataFrame({"id": labels.index, "landmark_id": labels.to_numpy().astype(np.int64)})
 
 
 def load_named(data_dir: str | Path, name: str) -> pd.DataFrame:
@@ -239,7 +228,7 @@ def read_val_labels(path: str | Path) -> pd.DataFrame:
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise KernelError(f"{path}: not a readable CSV ({exc})") from None
     if "landmarks" not in head or "landmark_id" in head:
-        return read_labels(path)
+        return read_labels(path, "validation labels")
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "Usage" in df.columns:
         df = df[df["Usage"] != "Ignored"]

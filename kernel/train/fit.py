@@ -6,10 +6,10 @@ environment; NCCL on GPUs, Gloo on CPUs; a collective timeout sized for validati
 recipes' schedules (per-iteration cosine / poly with linear warm-up, or the 2020 code's per-epoch one),
 gradient accumulation and optional clipping, a NaN guard that skips a step on every rank together and stops
 after too many in a row, a progress bar, per-epoch validation sharded over the ranks (GAP and mAP@100 of
-held-out images, with the project's own metrics), a warning when the GPU count differs from the recipe's,
-a refusal to start when tensors the original starts pretrained get no weights, and after every epoch an
-atomically written ``model.pth`` (original layout, loadable by :func:`kernel.models.load_weights`) and
-``last.pth`` (resumable).
+held-out images, with the project's own metrics: :mod:`kernel.train.validation`), a warning when the GPU
+count differs from the recipe's, a refusal to start when tensors the original starts pretrained get no
+weights, and after every epoch an atomically written ``model.pth`` (original layout, loadable by
+:func:`kernel.models.load_weights`) and ``last.pth`` (resumable).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from kernel.errors import KernelError
@@ -36,8 +36,9 @@ from kernel.train.augment import eval_transform, train_transform
 from kernel.train.cutmix import corner_cutmix, dual_stream_loss
 from kernel.train.data import ClassMap, DistributedWeightedSampler, LandmarkDataset, class_weights
 from kernel.train.losses import build_loss
-from kernel.train.nets import (Trainee, attach_head, build_net, describe_missing, freeze, get_head, load_imagenet,
+from kernel.train.nets import (Trainee, attach_head, build_net, describe_missing, freeze, load_imagenet,
                                pretrained_tensors)
+from kernel.train.validation import embed_sharded, validation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -155,89 +156,36 @@ def build_optimizer(params, step: dict) -> torch.optim.Optimizer:
     return cls(params, lr=step["lr"], weight_decay=step["weight_decay"])
 
 
+def optimisation(params, step: dict, iters_per_epoch: int, amp_dtype, device: torch.device):
+    """``(optimizer, scheduler, scaler)`` of a step: :func:`build_optimizer` on the trainable ``params``, the
+    per-iteration :func:`lr_factor` schedule, and a grad scaler that is on only for fp16."""
+    optimizer = build_optimizer(params, step)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, step, iters_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return optimizer, scheduler, scaler
+
+
+def wrap_trainee(net, env: Dist, sync_bn: bool, find_unused: bool = False) -> torch.nn.Module:
+    """:class:`Trainee` of ``net``; with several processes in DDP (SyncBatchNorm first when ``sync_bn`` and on
+    GPUs; on CPUs a warning says BatchNorm statistics stay per process). ``find_unused``: some parameters are
+    frozen (``train_only``)."""
+    trainee = Trainee(net)
+    if env.world == 1:
+        return trainee
+    if sync_bn and env.device.type == "cuda":
+        trainee = torch.nn.SyncBatchNorm.convert_sync_batchnorm(trainee)
+    elif sync_bn:
+        log.warning("SyncBatchNorm needs GPUs: BatchNorm statistics stay per process on %s", env.device)
+    return torch.nn.parallel.DistributedDataParallel(
+        trainee, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+        find_unused_parameters=find_unused)
+
+
 def _all_finite(x: torch.Tensor, env: Dist) -> bool:
     ok = torch.isfinite(x.detach()).all().float().reshape(1)
     if env.world > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item() > 0)
-
-
-@torch.no_grad()
-def embed(net, dataset, device, batch_size: int, workers: int, amp_dtype=None, desc="embed"):
-    """Descriptors and head outputs of a whole dataset (eval mode). Returns ``(emb, logits)`` float32 numpy."""
-    net.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    embs, preds = [], []
-    head = get_head(net)
-    for x, _ in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 5):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            e = net(x.to(device, non_blocking=True))
-        logits = head(e.float())
-        conf, cls = logits.max(dim=1)
-        embs.append(e.float().cpu())
-        preds.append(torch.stack([cls.float(), conf.float()], dim=1).cpu())
-    return torch.cat(embs).numpy(), torch.cat(preds).numpy()
-
-
-def embed_sharded(net, dataset, env: Dist, batch_size: int, workers: int, amp_dtype=None):
-    """:func:`embed` with the dataset split into ``env.world`` contiguous shards, one per rank, gathered on
-    every rank in dataset order (padded to equal length for ``all_gather``, then trimmed). One rank: plain
-    :func:`embed`."""
-    if env.world == 1:
-        return embed(net, dataset, env.device, batch_size, workers, amp_dtype, desc="validate")
-    shards = np.array_split(np.arange(len(dataset)), env.world)
-    mine = shards[env.rank]
-    width = None
-    if len(mine):
-        emb, preds = embed(net, Subset(dataset, mine.tolist()), env.device, batch_size, workers, amp_dtype,
-                           desc="validate")
-        rows = torch.from_numpy(np.concatenate([emb, preds], axis=1))
-        width = rows.shape[1]
-    sizes = [None] * env.world
-    dist.all_gather_object(sizes, width)
-    width = next(w for w in sizes if w is not None)
-    longest = max(len(x) for x in shards)
-    buf = torch.zeros(longest, width, device=env.device)
-    if len(mine):
-        buf[: len(mine)] = rows.to(env.device)
-    parts = [torch.empty_like(buf) for _ in range(env.world)]
-    dist.all_gather(parts, buf)
-    out = torch.cat([p[: len(sh)] for p, sh in zip(parts, shards)]).cpu().numpy()
-    return out[:, :-2], out[:, -2:]
-
-
-def validation_metrics(ids, landmarks, emb, preds, class_map: ClassMap, k: int = 100, device=None) -> dict:
-    """GAP of the head's predictions and mAP@k of held-out images retrieving each other (a query never
-    retrieves itself; queries whose landmark has no other held-out image are left out). A landmark id below 0
-    is a non-landmark image: no true landmark for GAP (a prediction on it counts as wrong), never a query,
-    but retrievable (a distractor). Similarities run on ``device`` (default CPU)."""
-    from kernel.metrics import gap, map_at_k
-
-    ids = [str(i) for i in ids]
-    landmarks = np.asarray(landmarks)
-    pred_lm = class_map.decode(preds[:, 0].astype(np.int64))
-    recognition = {i: (int(p), float(c)) for i, p, c in zip(ids, pred_lm, preds[:, 1])}
-    truth = {i: [int(t)] if t >= 0 else [] for i, t in zip(ids, landmarks)}
-    out = {"gap": float(gap(recognition, truth)), "n_val": len(ids)}
-    e = torch.from_numpy(emb).to(device or "cpu")
-    retrieved, relevant = {}, {}
-    by_lm: dict[int, list[str]] = {}
-    for i, t in zip(ids, landmarks):
-        by_lm.setdefault(int(t), []).append(i)
-    kk = min(k, len(ids) - 1)
-    for start in range(0, len(ids), 1024):
-        sims = e[start : start + 1024] @ e.T
-        rows = torch.arange(sims.shape[0], device=sims.device)
-        sims[rows, rows + start] = -float("inf")
-        top = sims.topk(kk, dim=1).indices.cpu().numpy() if kk > 0 else np.zeros((sims.shape[0], 0), np.int64)
-        for r, q in enumerate(range(start, start + sims.shape[0])):
-            rel = [j for j in by_lm[int(landmarks[q])] if j != ids[q]] if landmarks[q] >= 0 else []
-            if rel:
-                retrieved[ids[q]] = [ids[j] for j in top[r]]
-                relevant[ids[q]] = rel
-    out["map100"] = float(map_at_k(retrieved, relevant, k=k)) if relevant else float("nan")
-    out["n_queries"] = len(relevant)
-    return out
 
 
 class StepRun:
@@ -266,36 +214,32 @@ class StepRun:
         np.random.seed(seed + self.env.rank)
         self._data(train_df, val_df, image_root, val_root, margin_labels)
         self.val_batch_size = val_batch_size or step["batch_size"]
-        arch = step["arch"]
-        self.net = build_net(arch)
-        attach_head(self.net, len(self.class_map), step["loss"]["type"], step["loss"].get("k", 3))
-        state = self._load_start(init_path, resume, imagenet, random_init)
-        n_train = freeze(self.net, step["train_only"])
-        (log.info if self.env.main else log.debug)(
-            "%s step %d: %s, %d classes, %d train / %d val images, %.2fM trainable parameters", step["recipe"],
-            step["step"], arch["family"], len(self.class_map), len(self.train_ds), len(val_df), n_train / 1e6)
-        self.net.to(self.env.device)
-        self.trainee = Trainee(self.net)
-        if self.env.world > 1:
-            if (step["sync_bn"] if sync_bn is None else sync_bn) and self.env.device.type == "cuda":
-                self.trainee = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.trainee)
-            elif step["sync_bn"] if sync_bn is None else sync_bn:
-                log.warning("SyncBatchNorm needs GPUs: BatchNorm statistics stay per process on %s",
-                            self.env.device)
-            self.trainee = torch.nn.parallel.DistributedDataParallel(
-                self.trainee, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
-                find_unused_parameters=bool(step["train_only"]))
+        state = self._net(init_path, resume, imagenet, random_init, n_val=len(val_df))
+        self.trainee = wrap_trainee(self.net, self.env, step["sync_bn"] if sync_bn is None else sync_bn,
+                                    find_unused=bool(step["train_only"]))
         self.amp = autocast_dtype(precision, self.env.device)
         lr = check_gpu_count(step, self.env.world, scale_lr, warn=self.env.main)
-        self.optimizer = build_optimizer(self.trainee.parameters(), dict(step, lr=lr))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda it: lr_factor(it, step, self.iters_per_epoch))
-        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.amp == torch.float16)
+        self.optimizer, self.scheduler, self.scaler = optimisation(
+            self.trainee.parameters(), dict(step, lr=lr), self.iters_per_epoch, self.amp, self.env.device)
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
         self.history: list[dict] = []
+
+    def _net(self, init_path, resume, imagenet, random_init, n_val: int):
+        """The step's net with its training head, its starting weights (:meth:`_load_start`) and frozen parts,
+        on the device. Returns the ``last.pth`` record when resuming, else None."""
+        step = self.step
+        self.net = build_net(step["arch"])
+        attach_head(self.net, len(self.class_map), step["loss"]["type"], step["loss"].get("k", 3))
+        state = self._load_start(init_path, resume, imagenet, random_init)
+        n_train = freeze(self.net, step["train_only"])
+        (log.info if self.env.main else log.debug)(
+            "%s step %d: %s, %d classes, %d train / %d val images, %.2fM trainable parameters", step["recipe"],
+            step["step"], step["arch"]["family"], len(self.class_map), len(self.train_ds), n_val, n_train / 1e6)
+        self.net.to(self.env.device)
+        return state
 
     def _data(self, train_df, val_df, image_root, val_root, margin_labels) -> None:
         """Class map, loss (margins), datasets, sampler and loader."""
@@ -375,7 +319,7 @@ class StepRun:
         sd = ckpt.from_original(rec["model"], family)
         pop = list(init.get("pop", []))
         if rec.get("class_map") != self.class_map.landmark_ids:
-            pop.append(ckpt_head_key(self.net) + ".")
+            pop.append(self.net.head_key + ".")
             log.info("%s: other classes than this step's data: its training head is not loaded", path)
         return ckpt.transfer(self.net, sd, pop=pop, min_fraction=0.3, what=f"init from {path}")
 
@@ -487,12 +431,6 @@ class StepRun:
             if env.world > 1:
                 dist.barrier()
         return self.history
-
-
-def ckpt_head_key(net) -> str:
-    from kernel.train.nets import HEAD_KEY
-
-    return HEAD_KEY[net.family]
 
 
 def _fmt(m: dict) -> str:

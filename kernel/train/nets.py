@@ -1,9 +1,10 @@
 """The networks a recipe step trains: a descriptor model plus its training head.
 
 - The nine ensemble members come from the model zoo (:func:`kernel.models.build_model`). The training head is
-  attached to the zoo model under the original key (``head`` for dolg/hybrid, ``metric_classify`` for the pure
-  EfficientNets; weight ``(n_classes * k, 512)``), so ``net.state_dict()`` *is* the original training layout
-  and :func:`kernel.models.load_weights` reads a trained checkpoint back (it drops heads).
+  attached to the zoo model under the original key, the model class's ``head_key`` (``head`` for dolg/hybrid,
+  ``metric_classify`` for the pure EfficientNets; weight ``(n_classes * k, 512)``), so ``net.state_dict()``
+  *is* the original training layout and :func:`kernel.models.load_weights` reads a trained checkpoint back
+  (it drops heads).
 - :class:`SwinNeck`: the hybrid's first step, a plain Swin (its own patch embedding) with the FC-BN-PReLU neck;
   its keys are the hybrid's (``backbone.*``, ``neck.*``), so the next step inherits everything but the patch
   embedding.
@@ -28,13 +29,11 @@ from kernel.train.losses import SoftmaxHead, SubcenterArcMargin
 
 log = logging.getLogger(__name__)
 
-HEAD_KEY = {"dolg": "head", "hybrid": "head", "swin": "head", "effnet": "metric_classify", "retrieval2020": "head"}
-
-
 class SwinNeck(nn.Module):
     """Step 1 of the hybrid recipe: Swin with its own patch embedding, pooled tokens, FC-BN-PReLU neck."""
 
     family = "swin"
+    head_key = "head"  # the hybrid's, so step 2 can inherit it
 
     def __init__(self, backbone: str, embedding_dim: int = 512, image_size: int | None = None,
                  backbone_args: dict | None = None):
@@ -54,6 +53,7 @@ class Retrieval2020Net(nn.Module):
     """ResNet / ResNeSt (timm), global average pooling, 1x1 conv to ``embedding_dim``, BatchNorm, L2."""
 
     family = "retrieval2020"
+    head_key = "head"
 
     def __init__(self, backbone: str = "resnet152", embedding_dim: int = 512, backbone_args: dict | None = None):
         super().__init__()
@@ -94,7 +94,7 @@ def build_net(arch: dict) -> nn.Module:
 
 def attach_head(net: nn.Module, n_classes: int, kind: str = "arcface", k: int = 3) -> nn.Module:
     """Register the training head on ``net`` under its original key; returns ``net``."""
-    key = HEAD_KEY[net.family]
+    key = net.head_key
     dim = embedding_dim(net)
     head = SoftmaxHead(dim, n_classes) if kind == "softmax" else SubcenterArcMargin(dim, n_classes, k)
     net.add_module(key, head)
@@ -102,7 +102,7 @@ def attach_head(net: nn.Module, n_classes: int, kind: str = "arcface", k: int = 
 
 
 def get_head(net: nn.Module) -> nn.Module:
-    return getattr(net, HEAD_KEY[net.family])
+    return getattr(net, net.head_key)
 
 
 class Trainee(nn.Module):
