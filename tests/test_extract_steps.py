@@ -20,7 +20,6 @@ from kernel.extract import ExtractSummary, api, loop, resume
 from kernel.extract.planning import DEFAULT_BATCH, batch_sizes
 from kernel.models import load_manifest, select
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
