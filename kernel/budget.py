@@ -18,7 +18,7 @@ Efficiencies are our stated assumptions, not measurements:
 
 - P100 (:data:`DEFAULT_EFFICIENCY`): EfficientNets are dominated by depthwise convolutions and SE blocks that
   are memory-bound (about a fifth of peak), the Swin part of the hybrids is matmul-heavy (about a third). With
-  these the eight-model recognition ensemble projects to a few images per second, as SPEC §6 expects.
+  these the eight-model recognition ensemble projects to a few images per second, as docs/kaggle.md#the-scale-of-the-work expects.
 - Any other card (the T4): *the bandwidth rule*: the throughput a family reaches on the P100 (TFLOPS achieved),
   scaled by the card's memory bandwidth over the P100's, as a fraction of the card's own peak:
   ``eff_card = eff_p100 x (18.7 / peak_card) x (bandwidth_card / 732)``. On a T4 that is 0.025 of 65 TFLOPS for
@@ -44,7 +44,7 @@ import torch
 P100 = {"key": "p100", "name": "NVIDIA Tesla P100 16GB PCIe (Kaggle, retired: runs on the T4 x2)",
         "machine_shape": "NvidiaTeslaP100", "devices": 1, "fp16_tflops": 18.7, "fp32_tflops": 9.3,
         "mem_gbs": 732.0, "memory_gb": 16, "compute_capability": "6.0", "tensor_cores": False,
-        "source": "NVIDIA Tesla P100 datasheet (PCIe 16 GB); SPEC §5"}
+        "source": "NVIDIA Tesla P100 datasheet (PCIe 16 GB); docs/kaggle.md#the-notebooks-machine-2021-and-today"}
 T4X2 = {"key": "t4x2", "name": "2x NVIDIA T4 16GB (Kaggle 'GPU T4 x2')", "machine_shape": "NvidiaTeslaT4",
         "devices": 2, "fp16_tflops": 65.0, "fp32_tflops": 8.1, "mem_gbs": 320.0, "memory_gb": 16,
         "compute_capability": "7.5", "tensor_cores": True,

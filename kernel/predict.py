@@ -2,7 +2,7 @@
 
 What a run does, in order (every decision is logged with its numbers; :func:`predict` calls one function a step):
 
-1. Reads the competition folder (SPEC §5) and writes a valid *fallback* submission at once (every test id,
+1. Reads the competition folder (docs/kaggle.md#competition-folders) and writes a valid *fallback* submission at once (every test id,
    empty predictions), atomically: from here on a run killed at any moment leaves a valid file.
 2. Links the precomputed train / index / non-landmark descriptors of ``--store`` (and ``--index-store``)
    into its working store, refusing descriptors whose ``meta.json`` names another checkpoint than the
@@ -45,7 +45,7 @@ class PredictOptions:
     is ``--index-store``), but ``progress``, the opposite of ``--no-progress``. Paths: ``str`` or ``Path``."""
 
     track: str  # "recognition" or "retrieval"
-    data: str | Path  # competition folder: test/, train/ or index/, train.csv, ... (SPEC §5)
+    data: str | Path  # competition folder: test/, train/ or index/, train.csv, ... (docs/kaggle.md#competition-folders)
     manifest: str | Path  # weights_manifest.json: the models, their checkpoints, tracks and priorities
     weights: str | Path  # folder holding the checkpoints the manifest names
     out: str | Path  # submission.csv, replaced atomically as it improves; <stem>.log.json is written beside it

@@ -110,7 +110,7 @@ def images_per_model(entry: dict, track: str, n_test: int, n_index: int, n_train
     return n
 
 
-DECODE_CORES = 2  # our reading: the 2 CPU cores of Kaggle's P100 sessions (SPEC §5); assumed for the T4 x2 too
+DECODE_CORES = 2  # our reading: the 2 CPU cores of Kaggle's P100 sessions (docs/kaggle.md#the-notebooks-machine-2021-and-today); assumed for the T4 x2 too
 
 
 def make_plan(rows, entries, track, n_test, n_index, n_train, budget_hours, decode_ms, reserve_hours,
@@ -222,7 +222,7 @@ def add_arguments(p) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--track", choices=["recognition", "retrieval", "both"], default="both")
     p.add_argument("--n-test", type=number(int, 0), default=10_000, help="test images (default 10,000)")
-    p.add_argument("--n-index", type=number(int, 0), default=76_176, help="retrieval index images (default 76,176, SPEC §5)")
+    p.add_argument("--n-index", type=number(int, 0), default=76_176, help="retrieval index images (default 76,176, docs/kaggle.md#data-sets-and-their-sizes)")
     p.add_argument("--n-train", type=number(int, 0), default=0,
                    help="train images extracted in the kernel (default 0: train descriptors are precomputed)")
     p.add_argument("--target", choices=[*budget.TARGETS, "all"], default="all",

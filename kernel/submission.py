@@ -1,4 +1,4 @@
-"""Writing and checking ``submission.csv`` for both tracks (SPEC section 5).
+"""Writing and checking ``submission.csv`` for both tracks (docs/kaggle.md#submission-formats).
 
 * recognition: header ``id,landmarks``; ``landmarks`` = ``"<landmark_id> <confidence>"`` or empty;
 * retrieval: header ``id,images``; ``images`` = up to 100 space-separated index ids, best first, or empty.

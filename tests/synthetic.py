@@ -13,7 +13,7 @@ The world is built in a small latent space and then seen through several "models
   queries (views of index landmarks, and non-landmark queries that Kaggle ignores) and recognition
   queries (landmark views and many non-landmark images, as in GLDv2's test set);
 * every model m sees an image through its own random near-isometry of the latent space plus its own noise,
-  so an ensemble averages model noise away; models belong to the SPEC families.
+  so an ensemble averages model noise away; models belong to the families of docs/architectures.md#the-ensemble.
 
 :func:`write_store` writes one track's descriptor store, ``train.csv`` and Kaggle solution file.
 ``python -m tests.synthetic --out DIR --track retrieval`` does the same from the command line.

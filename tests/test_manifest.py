@@ -1,4 +1,4 @@
-"""weights_manifest.json: the nine SPEC models, and malformed entries rejected by entry and field."""
+"""weights_manifest.json: the nine models of docs/architectures.md#the-ensemble, and malformed entries rejected by entry and field."""
 import copy
 import json
 

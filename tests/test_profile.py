@@ -33,7 +33,7 @@ def test_profile_json_has_every_model_and_a_plan(tiny_weights, tmp_path):
 
 
 def test_full_manifest_projection_matches_spec_flops():
-    """Backbone FLOPs of SPEC §6 are a lower bound of our whole-model counts (heads add the rest)."""
+    """Backbone FLOPs of docs/kaggle.md#the-scale-of-the-work are a lower bound of our whole-model counts (heads add the rest)."""
     from kernel.budget import count_gflops
     from kernel.demo.weights import preset_entries
 

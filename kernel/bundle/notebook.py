@@ -97,7 +97,7 @@ def check_accelerator(accelerator: str) -> list[str]:
 
 def kernel_metadata(user: str, kernel_slug: str, title: str, code_file: str, dataset_id: str, track: str,
                     headless: bool, private: bool = True, accelerator: str = "t4x2") -> dict:
-    """``kernel-metadata.json`` (SPEC §5): internet off, the dataset and the competition as sources; GPU on with
+    """``kernel-metadata.json`` (docs/kaggle.md#dataset-and-notebook-metadata): internet off, the dataset and the competition as sources; GPU on with
     the accelerator's ``machine_shape`` (``cpu``: GPU off)."""
     from kernel.budget import TARGETS
 

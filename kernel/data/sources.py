@@ -1,6 +1,6 @@
 """Image sources: where the images of a split come from, as a sorted list of ``Record(id, path)``.
 
-Three kinds (SPEC §5):
+Three kinds (docs/kaggle.md#competition-folders):
 
 - a Kaggle competition folder: ``ROOT/<split>/a/b/c/<id>.jpg`` (a, b, c = the id's first three characters),
   with ``train.csv`` (train) or ``sample_submission.csv`` (test) listing the ids of the split;

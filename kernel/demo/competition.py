@@ -5,7 +5,7 @@ GLDv2 labels); any other photo is a landmark of its own. Each photo's *views* (r
 spread over the splits: train views (labelled, ``train.csv``), index views (retrieval) and held-out test
 views. Procedurally generated non-landmark images (gradients, shapes, noise) act as distractors in test and
 index, and fill a non-landmark bank. One test file is deliberately broken (truncated JPEG) so a dry-run
-shows how unreadable images are handled. Both Kaggle layouts are written (SPEC §5)::
+shows how unreadable images are handled. Both Kaggle layouts are written (docs/kaggle.md#competition-folders)::
 
     OUT/landmark-recognition/  train/a/b/c/<id>.jpg  test/...  train.csv  sample_submission.csv  solution.csv
     OUT/landmark-retrieval/    index/...  test/...  sample_submission.csv  solution.csv

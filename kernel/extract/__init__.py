@@ -12,7 +12,7 @@ How the loop works (:func:`extract`, :mod:`kernel.extract.loop`):
   pass); ``group_size`` forces a number (1 = model by model: the images are decoded once per model).
 - On CUDA: fp16 autocast, channels_last, cudnn autotuning, a batch size per model that halves on
   out-of-memory and stays halved; a NaN/inf guard recomputes the affected items in fp32 (the hybrid models
-  overflow in fp16, SPEC §1) and switches a model to fp32 for good when most of its items need it.
+  overflow in fp16, docs/architectures.md#hybrid-swin-transformer) and switches a model to fp32 for good when most of its items need it.
   On a CPU-only machine the same loop runs in fp32.
 - Broken images (missing, empty, truncated, not an image, too large) never stop the run: they are written
   with their reason to ``STORE/failures/<split>.csv`` and counted in the summary; known failures are not

@@ -42,7 +42,7 @@ def model_bytes(entry: dict, weights_dir) -> int:
 
 
 def plan_groups(entries: list[dict], weights_dir, device, group_size: int | None = None) -> list[list[dict]]:
-    """Split the models into groups held at the same time (most valuable first, SPEC ``priority``).
+    """Split the models into groups held at the same time (most valuable first, ``priority``, docs/architectures.md#priority).
 
     ``group_size``: models per group; ``None``: as many as fit in half the device memory (weights only:
     activations of one batch of one model at a time come on top).

@@ -8,7 +8,7 @@ from pathlib import Path
 from kernel import store as kstore
 from kernel.errors import KernelError
 
-DEFAULT_DIM = 512  # width of an entry without ``embedding_dim`` (SPEC: every model ends in a 512-d descriptor)
+DEFAULT_DIM = 512  # width of an entry without ``embedding_dim`` (every model ends in a 512-d descriptor: docs/architectures.md#what-each-model-outputs)
 
 
 def descriptor_dim(entry: dict) -> int:

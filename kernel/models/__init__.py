@@ -1,4 +1,4 @@
-"""The model zoo: the nine ensemble members of SPEC §1, built from manifest entries on timm backbones
+"""The model zoo: the nine ensemble members (docs/architectures.md#the-ensemble), built from manifest entries on timm backbones
 (``pretrained=False``), loading the checkpoints the original training code wrote.
 
 ``forward(x)`` takes a batch normalised outside the model with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`

@@ -1,4 +1,4 @@
-"""DOLG-EfficientNet (SPEC §1): EfficientNet encoder, multi-atrous local branch with spatial attention on the
+"""DOLG-EfficientNet (docs/architectures.md#dolg-efficientnet): EfficientNet encoder, multi-atrous local branch with spatial attention on the
 stride-16 features, GeM global branch on the last stage, orthogonal fusion, FC-BN-PReLU neck to 512.
 
 State-dict keys match the 2021 training code (``backbone.*``, ``mam.*``, ``attention2d.*``, ``conv_g``,

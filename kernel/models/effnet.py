@@ -1,4 +1,4 @@
-"""Pure EfficientNet (the 2020 recognition 3rd-place layout, SPEC §1): EfficientNet with its classifier removed
+"""Pure EfficientNet (the 2020 recognition 3rd-place layout, docs/architectures.md#pure-efficientnet): EfficientNet with its classifier removed
 (global average pool), FC to 512, Swish. The descriptor is that output, L2-normalised.
 
 Keys match the original module (``enet.*`` from a geffnet backbone, whose block layout timm shares;

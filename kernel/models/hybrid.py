@@ -1,4 +1,4 @@
-"""Hybrid-Swin-Transformer (SPEC §1): an EfficientNet truncated at one feature level replaces Swin's patch
+"""Hybrid-Swin-Transformer (docs/architectures.md#hybrid-swin-transformer): an EfficientNet truncated at one feature level replaces Swin's patch
 embedding; a 1x1 conv projects its feature map to the Swin embedding width, landing exactly on Swin's token
 grid. Swin's pooled output goes through the FC-BN-PReLU neck to 512.
 

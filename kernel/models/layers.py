@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# ImageNet statistics on the 0-255 scale (SPEC §1); images are normalised outside the models.
+# ImageNet statistics on the 0-255 scale (docs/architectures.md#input-images); images are normalised outside the models.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 

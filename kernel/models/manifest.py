@@ -1,10 +1,11 @@
 """``weights_manifest.json``: one entry per ensemble member, validated before anything is built.
 
-Format: ``{"models": [entry, ...]}``. An entry is a plain JSON object (a dict everywhere in the package; SPEC §1
-gives the values of the nine real ones). Required fields::
+Format: ``{"models": [entry, ...]}``. An entry is a plain JSON object (a dict everywhere in the package;
+docs/architectures.md#the-ensemble gives the values of the nine real ones). Required fields::
 
-    name           str, unique model name (the SPEC's exact names; letters, digits, '_', '.', '-')
-    family         "dolg" | "hybrid" | "effnet"; recognition averages the descriptors of a family (SPEC §4)
+    name           str, unique model name (the names of docs/architectures.md#the-ensemble; letters, digits, '_', '.', '-')
+    family         "dolg" | "hybrid" | "effnet"; recognition averages the descriptors of a family
+                   (docs/postprocessing.md#recognition-family-descriptors-and-non-landmark-post-processing-2020)
     backbone       str, timm model name (for a hybrid: the Swin)
     embedder       str, hybrid only: timm EfficientNet replacing Swin's patch embedding
     feature_level  int 0-4, hybrid only: the embedder's feature level (timm ``out_indices``) fed to the Swin
@@ -38,7 +39,7 @@ from kernel.errors import KernelError
 log = logging.getLogger(__name__)
 
 FAMILIES = ("dolg", "hybrid", "effnet")
-# our reading: the largest input the kernel accepts (the nine models use 384-896, SPEC §1); far beyond it a
+# our reading: the largest input the kernel accepts (the nine models use 384-896, docs/architectures.md#the-ensemble); far beyond it a
 # batch of one image no longer fits any accelerator and every image would end as a failure
 MAX_IMAGE_SIZE = 2048
 TRACKS = ("recognition", "retrieval")

@@ -1,4 +1,4 @@
-"""Post-processing: descriptors -> answers (SPEC section 4).
+"""Post-processing: descriptors -> answers (docs/postprocessing.md).
 
 * :mod:`.knn` - k-NN landmark voting (labels and confidences);
 * :mod:`.retrieval` - ensemble cosine, 2021 soft up/down and 2019 two-stage re-ranking;

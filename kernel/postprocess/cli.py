@@ -33,7 +33,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--search-prefilter", default="auto", choices=list(prefilter.PREFILTERS),
                         help="CPU k-NN: score in bfloat16, rescore the candidates in float32 (same exact result; "
                              "auto: where this CPU has fast bfloat16 products; off: float32 throughout)")
-    g = parser.add_argument_group("constants (SPEC section 4; defaults are the papers' values)")
+    g = parser.add_argument_group("constants (docs/postprocessing.md#parameters; defaults are the papers' values)")
     g.add_argument("--knn-k", type=number(int, 1), default=None, help="neighbours of the k-NN label (3)")
     g.add_argument("--down-weight", type=number(float), default=None, help="soft re-ranking down-weight (0.1)")
     g.add_argument("--soft-keep", type=number(int, 1), default=None, help="soft re-ranking: index images kept per model (750)")

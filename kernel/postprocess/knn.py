@@ -1,4 +1,4 @@
-"""k-NN landmark voting: the label and confidence every re-ranking step starts from (SPEC section 4).
+"""k-NN landmark voting: the label and confidence every re-ranking step starts from (docs/postprocessing.md#k-nn-voting).
 
 The k-NN label of an image x: take its ``k`` nearest labelled train images, sum their similarities per
 landmark; label(x) = the landmark with the largest sum, conf(x) = that sum / ``divisor`` (the 2019 code

@@ -1,6 +1,6 @@
 """Recognition on descriptor arrays: family averaging and the 2020 non-landmark post-processing.
 
-SPEC section 4 (2021 solution using Henkel & Singer 2020):
+docs/postprocessing.md#recognition-family-descriptors-and-non-landmark-post-processing-2020 (2021 solution using Henkel & Singer 2020):
 
 * every image's descriptor = the L2-normalised concatenation of its per-family means of the models'
   L2-normalised descriptors (dolg, hybrid, effnet: 1536-d with the three families), :func:`family_descriptors`;
@@ -24,7 +24,7 @@ from kernel.postprocess.knn import vote
 
 logger = logging.getLogger(__name__)
 
-#: SPEC section 4 defaults
+#: defaults (docs/postprocessing.md#parameters)
 KNN_K = 3  # train images that vote
 BANK_K_TRAIN = 5  # B(t): mean of the 5 most similar non-landmark images
 BANK_K_QUERY = 10  # C(q): mean of the 10 most similar non-landmark images
@@ -50,7 +50,7 @@ def family_descriptors(
     A row's family block is the mean over the models of that family that hold the row (zero when none
     does), so a query a model missed uses the others. Accumulates in float32 on ``device`` and returns
     an (n, D * n_families) tensor in ``dtype``. ``normalize`` False skips the final L2 normalisation
-    (the SPEC marks it as our reading).
+    (our reading, docs/postprocessing.md#recognition-family-descriptors-and-non-landmark-post-processing-2020).
     """
     dev = resolve_device(device)
     if n is None:

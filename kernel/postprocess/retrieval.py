@@ -1,4 +1,4 @@
-"""Retrieval re-ranking on descriptor arrays (SPEC section 4): none, soft up/down (2021), two-stage (2019).
+"""Retrieval re-ranking on descriptor arrays (docs/postprocessing.md): none, soft up/down (2021), two-stage (2019).
 
 Everything here works on positions: queries, index and train images are rows of arrays, landmarks are
 integer codes (``-1`` = none, see :mod:`kernel.postprocess.knn`). :mod:`kernel.postprocess.pipeline`
@@ -25,7 +25,7 @@ from kernel import search
 
 logger = logging.getLogger(__name__)
 
-#: SPEC section 4 defaults
+#: defaults (docs/postprocessing.md#parameters)
 KNN_K = 3  # neighbours of the k-NN label
 DOWN_WEIGHT = 0.1  # soft re-ranking: cos - 0.1 conf(i) when the labels differ
 SOFT_KEEP = 750  # soft re-ranking: index images kept per query and model
@@ -148,7 +148,7 @@ def ensemble_descriptors(
 ) -> torch.Tensor:
     """Concatenate the models' L2-normalised descriptors so that the inner product is the mean cosine.
 
-    Database side (``present`` None): every row has all ``M`` models, scaled by 1/sqrt(M) (SPEC: the
+    Database side (``present`` None): every row has all ``M`` models, scaled by 1/sqrt(M) (docs/postprocessing.md#two-stage-re-ranking-2019: the
     ensemble descriptor). Query side: ``present[m]`` is a boolean mask of the rows model ``m`` holds
     (``arrays[m]`` has exactly those rows); a row's blocks are scaled by sqrt(M)/n(row), n = the models
     that hold it, and absent blocks are zero, so its inner product with a database row is the mean

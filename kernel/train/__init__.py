@@ -1,4 +1,4 @@
-"""Training code that reproduces the kernel's checkpoints (SPEC §2, §3). Not imported by the kernel itself.
+"""Training code that reproduces the kernel's checkpoints (docs/training.md#what-is-trained-the-definitions). Not imported by the kernel itself.
 
     losses      sub-center ArcFace head, ArcFace with dynamic / fixed margins, softmax
     data        GLDv2 label CSVs, image folders, class map, dataset, long-tail-aware sampler

@@ -1,4 +1,4 @@
-"""The 2021 training augmentation (SPEC §2) with torchvision transforms v2.
+"""The 2021 training augmentation (docs/training.md#what-is-trained-the-definitions) with torchvision transforms v2.
 
 Why torchvision v2 and not albumentations (which the original configs used): it is already installed (timm
 depends on it), it works on uint8 tensors inside DataLoader workers, and every step of the 2021 pipeline has
@@ -20,7 +20,7 @@ Resize(S, S)                            :class:`SquareResize`: the kernel's infe
 Cutout(1 hole, 0.4*S, p=0.5)            :class:`Cutout` (old albumentations geometry, below)
 ======================================  ===================================================================
 
-Images are then cast to float on the 0-255 scale and normalised with ImageNet mean/std (SPEC §1).
+Images are then cast to float on the 0-255 scale and normalised with ImageNet mean/std (docs/architectures.md#input-images).
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def normalize() -> v2.Compose:
 
 
 def train_transform(size: int, cutout: float = 0.4) -> v2.Compose:
-    """The 2021 training pipeline at ``size`` x ``size`` (SPEC §2)."""
+    """The 2021 training pipeline at ``size`` x ``size`` (docs/training.md#what-is-trained-the-definitions)."""
     return v2.Compose([
         v2.RandomHorizontalFlip(p=0.5),
         JpegQuality(99, 100),

@@ -1,4 +1,4 @@
-"""Cleaning the training labels by clustering descriptors (2020 retrieval 3rd place, SPEC §3).
+"""Cleaning the training labels by clustering descriptors (2020 retrieval 3rd place, docs/training.md#the-2020-retrieval-seeds).
 
 Embed every GLDv2 image with a model trained on GLDv2c (``python -m kernel extract`` into a store), then,
 inside each landmark:

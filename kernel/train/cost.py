@@ -21,7 +21,7 @@ from kernel.errors import KernelError
 
 log = logging.getLogger(__name__)
 
-# images per epoch of each named data set (SPEC section 2-3; GLDv2x: our estimate, ``--data`` counts it exactly)
+# images per epoch of each named data set (docs/kaggle.md#data-sets-and-their-sizes; GLDv2x: our estimate, ``--data`` counts it exactly)
 DATA_IMAGES = {"gldv2": 4_132_914, "gldv2c": 1_580_470, "gldv2x": 3_200_000, "gldv2_clustered": 2_800_000}
 FAMILY_EFFICIENCY = {"dolg": "dolg", "effnet": "effnet", "hybrid": "hybrid", "swin": "hybrid",
                      "retrieval2020": "hybrid"}

@@ -1,4 +1,4 @@
-"""Corner-Cutmix and its dual-stream loss (2020 retrieval 3rd place, SPEC §3).
+"""Corner-Cutmix and its dual-stream loss (2020 retrieval 3rd place, docs/training.md#the-2020-retrieval-seeds).
 
 A resized copy of image A is pasted onto a random corner of image B; the mixed image is labelled
 0.5·A + 0.5·B. Training is dual-stream: the plain batch and the mixed batch go through the same weights and

@@ -8,7 +8,7 @@ Both are read and checked by :mod:`kernel.labels`, as post-processing reads ``tr
 Image folders: ``ROOT/a/b/c/<id>.jpg`` (the first three characters of the id, as GLDv2 and Kaggle ship them)
 or flat ``ROOT/<id>.jpg``; the layout is detected once from the first image.
 
-Named data sets of the recipes (SPEC §2/§3), resolved inside ``--data DIR``:
+Named data sets of the recipes (docs/kaggle.md#data-sets-and-their-sizes), resolved inside ``--data DIR``:
 - ``gldv2``: ``train.csv`` (full GLDv2: 4,132,914 images, 203,094 classes);
 - ``gldv2c``: ``train_clean.csv`` (cleaned GLDv2: 1,580,470 images, 81,313 classes);
 - ``gldv2x``: every ``train.csv`` image of the classes that ``train_clean.csv`` holds;

@@ -1,4 +1,4 @@
-"""Classification heads and margin losses of the 2020/2021 landmark solutions (SPEC §2, §3).
+"""Classification heads and margin losses of the 2020/2021 landmark solutions (docs/training.md#loss).
 
 - :class:`SubcenterArcMargin`: the training head. Weight ``(n_classes * k, in_features)``, rows class-major
   (row ``c * k + j`` is sub-centre ``j`` of class ``c``), as the original ``ArcMarginProduct_subcenter``;
@@ -25,7 +25,7 @@ _EPS = 1e-6
 
 
 def dynamic_margins(counts, a: float = 0.45, b: float = 0.05) -> np.ndarray:
-    """Per-class ArcFace margins from training counts (SPEC §2).
+    """Per-class ArcFace margins from training counts (docs/training.md#loss).
 
     ``x_c = n_c ** (-1/4)``; ``margin_c = b + a * (x_c - min x) / (max x - min x)``: the rarest class gets
     ``a + b`` (0.5), the most frequent ``b`` (0.05). All classes equally frequent: every margin is ``b``.

@@ -8,7 +8,7 @@
 - :class:`SwinNeck`: the hybrid's first step, a plain Swin (its own patch embedding) with the FC-BN-PReLU neck;
   its keys are the hybrid's (``backbone.*``, ``neck.*``), so the next step inherits everything but the patch
   embedding.
-- :class:`Retrieval2020Net`: the 2020 retrieval 3rd-place model (SPEC §3): ResNet152 / ResNeSt200, global
+- :class:`Retrieval2020Net`: the 2020 retrieval 3rd-place model (docs/training.md#the-2020-retrieval-seeds): ResNet152 / ResNeSt200, global
   average pooling, 1x1 conv to 512, BatchNorm, L2.
 
 :class:`Trainee` wraps a net for training (and DDP): ``forward(x) -> (descriptors, logits)``.

@@ -1,4 +1,4 @@
-"""Training recipes as data: one per model, one entry per step (SPEC §1-§3).
+"""Training recipes as data: one per model, one entry per step (docs/training.md).
 
 A recipe names its architecture (``model``: a ``weights_manifest.json`` entry, or an inline ``arch`` for the
 2020 retrieval family that the kernel does not ship) and lists its steps. A step holds every fact that
@@ -29,7 +29,7 @@ loss                {"type": "arcface", "s", "margins": "dynamic", "a", "b"} | {
 init                "imagenet" (timm ImageNet weights with ``--imagenet``, else random), "random", or
                     {"step": K, "pop": [name substrings not to load]}
 train_only          name substrings of the only parameters that train (hybrid step 2: the new embedding)
-cutmix              Corner-Cutmix dual-stream training (SPEC §3); ``cutmix_scale``: pasted side range
+cutmix              Corner-Cutmix dual-stream training (docs/training.md#the-2020-retrieval-seeds); ``cutmix_scale``: pasted side range
 sampling_power      0: images drawn uniformly (the originals); p > 0: image weight n_class ** -p
 source              where the numbers come from; "(our reading)" marks what no source states
 ==================  ========================================================================================
@@ -96,15 +96,15 @@ def _dolg_step2(stop_at=29, source=f"{_H21} configs/cfg_ch_dolg_b7_step2.py"):
 
 
 def _hybrid_steps(swin_size, medium, level_medium):
-    """Steps 1-2 of SPEC section 1's hybrid schedule (configs unpublished: lr, batch, data of step 2 are our
+    """Steps 1-2 of the hybrid schedule (docs/training.md#the-hybrids-four-training-steps) (configs unpublished: lr, batch, data of step 2 are our
     reading; weight decay 0 and no clipping as in every published hybrid config)."""
     return [
         dict(family="swin", data="gldv2c", image_size=swin_size, epochs=10, lr=1e-4, batch_size=32, init="imagenet",
-             source="paper section 3 / SPEC section 1 hybrid step 1: Swin-neck-head on small images, GLDv2c, 10 "
+             source="paper section 3, hybrid step 1: Swin-neck-head on small images, GLDv2c, 10 "
                     "epochs (lr, batch: our reading; weight decay 0 as the published hybrid configs)"),
         dict(data="gldv2x", image_size=medium, stem_stride=2, feature_level=level_medium, epochs=1, warmup_epochs=0,
              lr=1e-4, batch_size=16, train_only=["patch_embed"], init={"step": 1, "pop": ["patch_embed"]},
-             source="paper / SPEC section 1 hybrid step 2: pretrained EfficientNet embedding swapped in, rest frozen, "
+             source="paper, hybrid step 2: pretrained EfficientNet embedding swapped in, rest frozen, "
                     "one epoch at medium size (data, lr, batch: our reading)"),
     ]
 
@@ -157,7 +157,7 @@ RECIPES: dict[str, dict] = {
         "steps": _hybrid_steps(224, 448, 2) + [
             dict(data="gldv2x", image_size=448, stem_stride=2, feature_level=2, epochs=40, stop_at=30, lr=1e-4,
                  batch_size=16, init={"step": 2, "pop": []},
-                 source="paper / SPEC section 1 hybrid step 3: unfrozen, 30-40 epochs GLDv2x (run "
+                 source="paper, hybrid step 3: unfrozen, 30-40 epochs GLDv2x (run "
                         "cfg_ch_hybrid_swin224_2x_b3_cutout_s2x, unpublished: numbers our reading)"),
             dict(data="gldv2x", image_size=896, stem_stride=2, feature_level=3, epochs=40, stop_at=16, lr=1e-4,
                  warmup_epochs=0, batch_size=12, init={"step": 3, "pop": ["patch_embed.proj.weight"]},
@@ -170,7 +170,7 @@ RECIPES: dict[str, dict] = {
         "steps": _hybrid_steps(224, 448, 2) + [
             dict(data="gldv2x", image_size=448, stem_stride=2, feature_level=2, epochs=40, stop_at=30, lr=1e-4,
                  batch_size=16, init={"step": 2, "pop": []},
-                 source="paper / SPEC section 1 hybrid step 3 (run cfg_ch_hybrid_swin224_2x_b5_cutout_s2x, "
+                 source="paper, hybrid step 3 (run cfg_ch_hybrid_swin224_2x_b5_cutout_s2x, "
                         "unpublished: numbers our reading)"),
             dict(data="gldv2x", image_size=448, stem_stride=1, feature_level=3, epochs=40, stop_at=16, lr=5e-5,
                  batch_size=8, init={"step": 3, "pop": ["patch_embed.proj.weight"]},
@@ -212,7 +212,7 @@ RECIPES: dict[str, dict] = {
                                   "(our reading)"),
         ]),
     },
-    # ---------------------------------------------------------------- 2020 retrieval 3rd place (SPEC section 3)
+    # ---------------------------------------------------------------- 2020 retrieval 3rd place (docs/training.md#the-2020-retrieval-seeds)
     **{
         f"retrieval2020_{short}": {
             "arch": {"name": f"retrieval2020_{short}", "family": "retrieval2020", "backbone": backbone},
