@@ -5,7 +5,7 @@ import json
 import pytest
 
 from kernel.models import build_model, load_weights
-from kernel.models.demo import deterministic_state_dict, original_layout, preset_entries
+from kernel.demo.weights import deterministic_state_dict, original_layout, preset_entries
 from kernel.models.swin_layout import is_old_layout, new_to_old, old_to_new
 from tests.conftest import FIXTURES
 

@@ -4,8 +4,7 @@ Format: ``{"models": [entry, ...]}``. An entry is a plain JSON object (a dict ev
 docs/architectures.md#the-ensemble gives the values of the nine real ones). Required fields::
 
     name           str, unique model name (the names of docs/architectures.md#the-ensemble; letters, digits, '_', '.', '-')
-    family         "dolg" | "hybrid" | "effnet"; recognition averages the descriptors of a family
-                   (docs/postprocessing.md#recognition-family-descriptors-and-non-landmark-post-processing-2020)
+    family         "dolg" | "hybrid" | "effnet"; recognition averages the descriptors of a family (docs/postprocessing.md)
     backbone       str, timm model name (for a hybrid: the Swin)
     embedder       str, hybrid only: timm EfficientNet replacing Swin's patch embedding
     feature_level  int 0-4, hybrid only: the embedder's feature level (timm ``out_indices``) fed to the Swin
