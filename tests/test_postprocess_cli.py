@@ -72,7 +72,8 @@ def test_search_prefilter_gives_the_same_submission(capsys, retrieval, recogniti
     for mode in ("bf16", "off"):
         seen.clear(), bf16_loops.clear()
         files[mode] = tmp_path / f"{mode}.csv"
-        code, _, err = postprocess(capsys, paths, track, files[mode], "--search-prefilter", mode)
+        # the prefilter is a CPU feature: on a GPU machine the search would not run it at all
+        code, _, err = postprocess(capsys, paths, track, files[mode], "--search-prefilter", mode, "--device", "cpu")
         assert code == 0, err
         assert seen and set(seen) == {mode}
         assert bool(bf16_loops) == (mode == "bf16")  # the plain searches (k-NN labels, the bank) ran it
