@@ -27,11 +27,16 @@ def views(tmp_path_factory):
     return d, df
 
 
+def _fit_args(recipe, data, out, manifest, *extra):
+    """``fit`` arguments of a test run: images and labels from ``data``, no loader processes, half for validation."""
+    return ["fit", "--recipe", recipe, "--data", str(data), "--images", str(data), "--out", str(out),
+            "--manifest", str(manifest), "--workers", "0", "--val-fraction", "0.5", *extra]
+
+
 def _fit(data, out, manifest, step, *extra):
-    return main(["fit", "--recipe", "effnet_b6_512", "--step", str(step), "--data", str(data), "--images", str(data),
-                 "--out", str(out), "--manifest", str(manifest), "--workers", "0", "--val-fraction", "0.5",
-                 "--set", "image_size=32", "--set", "batch_size=8", "--set", "epochs=2", "--set", "stop_at=null",
-                 "--random-init", *extra])
+    return main(_fit_args("effnet_b6_512", data, out, manifest, "--step", str(step), "--set", "image_size=32",
+                          "--set", "batch_size=8", "--set", "epochs=2", "--set", "stop_at=null", "--random-init",
+                          *extra))
 
 
 def test_fit_steps_chain_and_load_into_the_kernel(views, tiny_weights, tmp_path, capsys):
@@ -106,9 +111,8 @@ def test_hybrid_chain_swin_step_then_frozen_embedding_step(views, tiny_weights, 
     data, _ = views
     _, manifest = tiny_weights
     out = tmp_path / "hyb"
-    args = ["fit", "--recipe", "hybrid_b6_swin384_384", "--data", str(data), "--images", str(data), "--out", str(out),
-            "--manifest", str(manifest), "--workers", "0", "--val-fraction", "0.5", "--set", "image_size=64",
-            "--set", "batch_size=8", "--set", "data=\"gldv2\""]
+    args = _fit_args("hybrid_b6_swin384_384", data, out, manifest, "--set", "image_size=64", "--set", "batch_size=8",
+                     "--set", "data=\"gldv2\"")
     # step 1 starts from ImageNet in the recipe: without --imagenet it refuses, naming the Swin's tensors
     assert main(args + ["--step", "1", "--set", "epochs=1"]) == 2
     err = capsys.readouterr().err
@@ -142,9 +146,8 @@ def test_block_insertion_step_names_the_inserted_block(views, tiny_weights, tmp_
     data, _ = views
     _, manifest = tiny_weights
     out = tmp_path / "b3"
-    args = ["fit", "--recipe", "hybrid_b3_swin224_896", "--data", str(data), "--images", str(data), "--out", str(out),
-            "--manifest", str(manifest), "--workers", "0", "--val-fraction", "0.5", "--set", "batch_size=8",
-            "--set", "data=\"gldv2\"", "--set", "epochs=1", "--set", "stop_at=null"]
+    args = _fit_args("hybrid_b3_swin224_896", data, out, manifest, "--set", "batch_size=8", "--set", "data=\"gldv2\"",
+                     "--set", "epochs=1", "--set", "stop_at=null")
     entry = next(e for e in load_manifest(manifest) if e["name"] == "hybrid_b3_swin224_896")
     # step 3 runs one embedder level lower at half the size (the same token grid); its model, saved as step 3's
     # output (the tiny preset's final level is 2, so step 3 is level 1)
