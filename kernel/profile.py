@@ -17,19 +17,12 @@ from pathlib import Path
 import torch
 
 from kernel import budget
+from kernel.devices import resolve_device
 from kernel.errors import KernelError
 
 log = logging.getLogger(__name__)
 
 HELP = "measure each model on this device, project its time on Kaggle's T4 x2 and P100, plan what fits 12 h"
-
-
-def _device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise KernelError("--device cuda: no CUDA device is available on this machine")
-    return torch.device(name)
 
 
 def device_name(device: torch.device) -> str:
@@ -75,7 +68,7 @@ def profile_models(entries, weights=None, device=None, batch_sizes=None, iters=N
     """One row per model: GFLOP, ``<card>_ms`` projected for every card, and the measurement here."""
     from kernel.models import build_model, load_model
 
-    device = _device(device)
+    device = resolve_device(device)
     if batch_sizes is None:
         batch_sizes = [1, 2, 4, 8, 16, 32, 64] if device.type == "cuda" else [1, 2]
     iters = iters or (5 if device.type == "cuda" else 1)
@@ -268,7 +261,7 @@ def run(args) -> int:
     for option in ("json", "plot"):
         if getattr(args, option):
             output_file(getattr(args, option), f"--{option}", inputs=[args.manifest, args.weights])
-    device = _device(args.device)
+    device = resolve_device(args.device)
     try:
         bss = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
     except ValueError:
