@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The checks only a GPU can show, as one call on a lent GPU machine (about 8-10 minutes on an H100; the tests alone took over 2 minutes there):
+# The checks only a GPU can show, as one call on a lent GPU machine (about 8-10 minutes on an H100;
+# the tests alone took over 2 minutes there):
 #   1. the fast test suite and the GPU-marked tests, with CUDA visible (fp16 extraction, streamed search on the device);
 #   2. bench_extract on the real model sizes: fp16 forward and pipeline throughput per model;
 #   3. a rehearsal of the post-processing at 400,000 train images with --device cuda (device-resident / streamed search),
