@@ -131,6 +131,27 @@ def test_validation_csv_in_the_2019_solution_format(tmp_path):
         read_val_labels(p)
     p.write_text("id,landmark_id\na1,3\n")
     assert read_val_labels(p)["landmark_id"].tolist() == [3]
+    # id,landmark_id validation labels may mark non-landmark images -1, as the solution format's empty field
+    p.write_text("id,landmark_id\na1,3\nb2,-1\nc3,7\n")
+    assert read_val_labels(p).to_dict("list") == {"id": ["a1", "b2", "c3"], "landmark_id": [3, -1, 7]}
+    p.write_text("id,landmark_id\na1,3\nb2,-2\n")  # any other negative id is still refused, line named
+    with pytest.raises(KernelError, match=r":3: landmark_id '-2'"):
+        read_val_labels(p)
+
+
+def test_train_labels_have_no_non_landmark_rows(tmp_path):
+    # training classes are landmarks: -1 is refused in train.csv, and in a class row of train_clean.csv
+    from kernel.train.data import read_labels
+
+    p = tmp_path / "train.csv"
+    p.write_text("id,landmark_id\na1,3\nb2,-1\n")
+    with pytest.raises(KernelError, match=r"train.csv:3: landmark_id '-1'"):
+        read_labels(p)
+    p.write_text("landmark_id,images\n3,a1 b2\n-1,c3\n")
+    with pytest.raises(KernelError, match=r"train.csv:3: landmark_id '-1'"):
+        read_val_labels(p)
+    p.write_text("landmark_id,images\n3,a1 b2\n5,c3\n")
+    assert read_val_labels(p).to_dict("list") == {"id": ["a1", "b2", "c3"], "landmark_id": [3, 3, 5]}
 
 
 def test_weighted_sampler_balances_and_shards():

@@ -41,12 +41,17 @@ DATASETS = {
 }
 
 
-def read_labels(path: str | Path, what: str = "train labels") -> pd.DataFrame:
+def read_labels(path: str | Path, what: str = "train labels", non_landmark: bool = False) -> pd.DataFrame:
     """Read a label CSV in either format; returns a frame ``id`` (str), ``landmark_id`` (int64).
 
     Read and checked by :mod:`kernel.labels` (the post-processing's reader: Kaggle-written landmark ids, ids a
-    CSV can hold, no id twice; errors name the file and line). ``what`` names the file in those errors."""
+    CSV can hold, no id twice; errors name the file and line). ``what`` names the file in those errors.
+    ``non_landmark``: also accept ``-1``, an image that shows no landmark (validation labels only)."""
     df = read_label_csv(path, what)
+    nl = np.zeros(len(df), bool)  # per row of an id,landmark_id file: the non-landmark images
+    if non_landmark and {"id", "landmark_id"} <= set(df.columns):
+        nl = (df["landmark_id"].str.strip() == "-1").to_numpy()
+        df.loc[nl, "landmark_id"] = "0"  # checked as a landmark id, set back to -1 below
     cols = set(df.columns)
     lines = None
     if {"landmark_id", "images"} <= cols and "id" not in cols:  # one row per class: line of each image's row
@@ -58,7 +63,10 @@ def read_labels(path: str | Path, what: str = "train labels") -> pd.DataFrame:
             f"has {', '.join(df.columns)}"
         )
     labels = check_train_labels(df, str(path), lines)
-    return pd.DataFrame({"id": labels.index, "landmark_id": labels.to_numpy().astype(np.int64)})
+    lid = labels.to_numpy().astype(np.int64)
+    if nl.any():  # only an id,landmark_id file has such rows
+        lid[nl] = -1
+    return pd.DataFrame({"id": labels.index, "landmark_id": lid})
 
 
 def load_named(data_dir: str | Path, name: str) -> pd.DataFrame:
@@ -228,7 +236,7 @@ def read_val_labels(path: str | Path) -> pd.DataFrame:
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise KernelError(f"{path}: not a readable CSV ({exc})") from None
     if "landmarks" not in head or "landmark_id" in head:
-        return read_labels(path, "validation labels")
+        return read_labels(path, "validation labels", non_landmark=True)
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "Usage" in df.columns:
         df = df[df["Usage"] != "Ignored"]
