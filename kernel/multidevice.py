@@ -77,12 +77,11 @@ def worth_sharing(devices: list, pending: int, batch: int) -> bool:
 
 def worker_decoders(workers: int | None, n: int, device_type: str) -> int:
     """Decode processes per worker: the CPU cores shared between the ``n`` workers (``0`` stays ``0``)."""
-    from kernel.data.loader import default_workers
+    from kernel.data.loader import decode_workers
 
-    if workers is None:
-        cores = default_workers() if device_type == "cuda" else max(1, default_workers() // 2)
-        return max(1, cores // n)
-    return 0 if workers == 0 else max(1, workers // n)
+    if workers == 0:
+        return 0
+    return max(1, (decode_workers(device_type) if workers is None else workers) // n)
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -107,13 +106,16 @@ def _stop_with_parent() -> None:
 
 def _worker(i: int, n: int, device: str, args: tuple, kwargs: dict, messages, stop, log_level: int,
             worker_init) -> None:
-    """One device's share (runs in a spawned process); reports progress and its summary to ``messages``."""
+    """One device's share (runs in a process forked from the fork server); reports progress and its summary to
+    ``messages``."""
     _stop_with_parent()
     logging.basicConfig(level=log_level, format=f"%(asctime)s [{device}] %(levelname)s %(name)s: %(message)s")
     if worker_init is not None:
         worker_init()
     if device == "cpu":  # the workers share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
+        from kernel.data.loader import default_workers
+
+        torch.set_num_threads(max(1, default_workers() // n))
     from kernel.extract import extract
 
     def report(p) -> None:

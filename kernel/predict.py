@@ -429,14 +429,14 @@ def add_arguments(p) -> None:
                    help="wall-clock budget of the run (default 12)")
     p.add_argument("--reserve-minutes", type=number(float, 0), default=None,
                    help="kept free for the last post-processing (default: 5%% of the budget, at most 30)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cuda (every GPU), cuda:N or cpu (default: every GPU, else the CPU)")
     p.add_argument("--models", default=None, help="comma-separated subset of the manifest's models")
     p.add_argument("--rerank", choices=["soft", "two-stage", "none"], default="soft", help="retrieval re-ranking")
     p.add_argument("--chunks", type=number(int, 1), default=4, help="test extraction chunks, a better submission after each")
     p.add_argument("--min-chunk", type=number(int, 1), default=256, help="fewest test images in a chunk")
     p.add_argument("--probe-images", type=number(int, 1), default=None, help="test images timed before planning")
     p.add_argument("--batch-size", type=number(int, 1), default=None)
-    p.add_argument("--workers", type=number(int, 0), default=None, help="decode processes (default: one per core)")
+    p.add_argument("--workers", type=number(int, 0), default=None, help="decode processes (default: as for extract)")
     p.add_argument("--memory-gb", type=number(float, 0, exclusive_min=True), default=10.0,
                    help="memory budget of the post-processing in GiB (default 10, the smallest Kaggle machine)")
     p.add_argument("--no-progress", action="store_true")

@@ -68,6 +68,12 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def decode_workers(device_type: str) -> int:
+    """The default decode processes of an extraction: one per core when a GPU runs the models, half of the
+    cores on a CPU-only run (whose forward needs the cores itself)."""
+    return default_workers() if device_type == "cuda" else max(1, default_workers() // 2)
+
+
 def make_loader(records, sizes, batch_size: int, workers: int | None = None, pin_memory: bool = False,
                 prefetch: int = 4, draft_pixels: int = DRAFT_PIXELS, max_pixels: int = MAX_PIXELS) -> DataLoader:
     """Batches of decoded images in record order (``workers=0`` decodes in the calling process)."""

@@ -147,13 +147,10 @@ def _prepare_models(store: Path, entries: list[dict], weights_dir, split: str, d
 
 
 def _decode_workers(workers: int | None, dev: torch.device) -> int:
-    """Decode processes: ``workers`` when given; else one per CPU core on CUDA, half of them on a CPU-only
-    run (whose forward needs the cores itself)."""
-    if workers is not None:
-        return workers
-    from kernel.data.loader import default_workers
+    """Decode processes: ``workers`` when given, else :func:`kernel.data.loader.decode_workers`."""
+    from kernel.data.loader import decode_workers
 
-    return default_workers() if dev.type == "cuda" else max(1, default_workers() // 2)
+    return workers if workers is not None else decode_workers(dev.type)
 
 
 def _finish(run: _Run, entries: list[dict], shard) -> ExtractSummary:
@@ -205,14 +202,10 @@ def _extract_on_devices(devices, args: tuple, records, summary: ExtractSummary, 
     if not summary.stopped:  # merge (and compute what a failed worker left) on one device
         last = extract(args[0], args[1], records, summary.split, args[4], device=str(good[0]), progress=progress,
                        on_batch=on_batch, should_stop=should_stop, **opts)
-        for m, c in last.computed.items():
-            summary.computed[m] += c
-            summary.model_seconds[m] += last.model_seconds.get(m, 0.0)
-            summary.fp32_recomputed[m] = summary.fp32_recomputed.get(m, 0) + last.fp32_recomputed.get(m, 0)
-        summary.new_failures += last.new_failures
+        md.merge_summaries(summary, {0: last}, [good[0]])
         summary.stopped, summary.complete, summary.failures = last.stopped, last.complete, last.failures
     else:
-        summary.failures = {k: v for k, v in kstore.read_all_failures(args[4], summary.split).items()
-                            if k in {r[0] for r in records}}
+        ids = {r[0] for r in records}
+        summary.failures = {k: v for k, v in kstore.read_all_failures(args[4], summary.split).items() if k in ids}
     summary.seconds = time.monotonic() - t_start
     return summary

@@ -72,11 +72,6 @@ def run(args) -> int:
         raise KernelError(f"{args.images}: no images found for split '{args.split}'")
     log.info("%s: %d images from %s%s", args.split, len(records), args.images,
              f" (shard {shard[0]}/{shard[1]})" if shard else "")
-    for name, value in (("--batch-size", args.batch_size), ("--flush-images", args.flush_images)):
-        if value is not None and value < 1:
-            raise KernelError(f"{name} must be >= 1")
-    if args.workers is not None and args.workers < 0:
-        raise KernelError("--workers must be >= 0")
     deadline = time.monotonic() + args.time_limit if args.time_limit else None
     summary = extract(
         entries, args.weights, records, args.split, args.store, device=device, batch_size=args.batch_size,

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from kernel import store as kstore
+from kernel.data.loader import to_model_input
+from kernel.models import IMAGENET_MEAN, IMAGENET_STD
 from kernel.extract.planning import plan_groups
 from kernel.extract.runner import ModelRunner
 from kernel.extract.summary import ExtractSummary, Progress
@@ -141,9 +143,6 @@ def _record_failures(run: _Run, g: _Group, batch: dict) -> None:
 def _feed_models(run: _Run, g: _Group, batch: dict) -> int:
     """Feed the batch's decoded images to each model of the group that still needs them, normalised once
     per input size; returns how many images were decoded."""
-    from kernel.data.loader import to_model_input
-    from kernel.models import IMAGENET_MEAN, IMAGENET_STD
-
     dev = run.device
     idx = g.positions[batch["index"].numpy()]  # positions in run.records
     ids = [run.records[i][0] for i in idx]

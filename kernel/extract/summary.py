@@ -33,7 +33,7 @@ class ExtractSummary:
     decode_wait: float = 0.0  # seconds the loop waited for decoded batches (decoding starved the device)
     seconds: float = 0.0
     complete: bool = False  # every model has every (decodable) record
-    stopped: str = ""  # why the call ended early ("deadline", "max_batches"), empty when it ran to the end
+    stopped: str = ""  # why the call ended early ("deadline", "stopped", "max_batches"), empty when it ran to the end
     device: str = ""  # "cuda:0,cuda:1" when the call ran one worker process per device
     fp32_recomputed: dict = field(default_factory=dict)  # model -> items recomputed in fp32 (NaN guard)
 
