@@ -147,7 +147,7 @@ def topk(
             the CPU has bfloat16 dot products), ``"off"`` never, ``"auto"`` (default) when this CPU's
             bfloat16 products are measurably faster and the search is large enough to pay
             (:func:`kernel.prefilter.use_prefilter`); the ``postprocess`` command's ``--search-prefilter``.
-        progress: show a tqdm bar over query chunks.
+        progress: show a tqdm bar over query chunks (over passes when a side is :class:`Rows`).
 
     Returns:
         ``(scores, indices)``: float32 and int64 arrays of shape (Nq, min(k, Nd)), each row ordered by
@@ -200,11 +200,12 @@ def _shifted(score_fn: ScoreFn | None, q0: int, d0: int) -> ScoreFn | None:
     return lambda b, r, c: score_fn(b, slice(r.start + q0, r.stop + q0), slice(c.start + d0, c.stop + d0))
 
 
-def pass_rows(rows: Rows, dev: torch.device, dt: torch.dtype, pass_bytes: int | None) -> int:
-    """Rows of one pass: ``pass_bytes`` worth in ``dt``; on a GPU the whole database when it takes at
-    most half of the free device memory (it then stays on the device for the whole search)."""
+def pass_rows(rows: Rows, dev: torch.device, dt: torch.dtype, pass_bytes: int | None, resident: bool = False) -> int:
+    """Rows of one pass: ``pass_bytes`` worth in ``dt``. ``resident`` (the database side): on a GPU, every row
+    when they take at most half of the free device memory (they then stay on the device for the whole search;
+    the queries never do: they are built in host memory a pass at a time)."""
     row_bytes = rows.dim * torch.tensor([], dtype=dt).element_size()
-    if dev.type == "cuda":
+    if resident and dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
         if len(rows) * row_bytes <= free // 2:
             return max(1, len(rows))
@@ -228,15 +229,16 @@ def _topk_rows(queries, database, k, dev, dt, score_fn, pass_bytes, progress, de
     are merged by :func:`select_topk` on (score, global position), so the answer, ties included, is that
     of one search over the whole database. A database that fits one pass is read once.
     """
-    n_db = len(database)
+    n_db, n_q = len(database), len(queries)
     kk = min(k, n_db)
-    d_step = pass_rows(database, dev, dt, pass_bytes) if isinstance(database, Rows) else max(1, n_db)
+    if n_q == 0 or kk == 0:  # as topk answers an empty side
+        return np.empty((n_q, kk), dtype=np.float32), np.empty((n_q, kk), dtype=np.int64)
+    d_step = pass_rows(database, dev, dt, pass_bytes, resident=True) if isinstance(database, Rows) else n_db
     if not isinstance(database, Rows):
         database = to_device(database, dev, dt)
     elif d_step >= n_db:
         database = load_rows(database, 0, n_db, dev, dt)
-    q_step = pass_rows(queries, dev, dt, pass_bytes) if isinstance(queries, Rows) else max(1, len(queries))
-    n_q = len(queries)
+    q_step = pass_rows(queries, dev, dt, pass_bytes) if isinstance(queries, Rows) else n_q
     out_v = np.empty((n_q, kk), dtype=np.float32)
     out_i = np.empty((n_q, kk), dtype=np.int64)
     bar = tqdm(total=math.ceil(n_q / q_step) * math.ceil(n_db / d_step), desc=desc, unit="pass",

@@ -255,3 +255,27 @@ def test_prefilter_keeps_rows_bfloat16_ranks_too_low():
     exact = (torch.as_tensor(q, dtype=torch.float64) @ torch.as_tensor(d, dtype=torch.float64).T).numpy()
     r, c = np.nonzero(i != i32)
     assert len(r) < 10 and np.all(np.abs(exact[r, i[r, c]] - exact[r, i32[r, c]]) < 1e-6)
+
+
+def test_streamed_search_with_an_empty_side_answers_empty_arrays():
+    from kernel.rows import ArrayRows
+
+    q = unit(np.random.default_rng(0).standard_normal((3, 8)))
+    for database in (np.zeros((0, 8), np.float32), ArrayRows(np.zeros((0, 8), np.float32))):
+        v, i = search.topk(q, database, 5)
+        assert v.shape == i.shape == (3, 0) and v.dtype == np.float32 and i.dtype == np.int64
+    v, i = search.topk(ArrayRows(np.zeros((0, 8), np.float32)), ArrayRows(q), 2)
+    assert v.shape == (0, 2)
+
+
+def test_only_the_database_side_stays_whole_on_a_gpu(monkeypatch):
+    # on a GPU the database is loaded whole when it fits half the free memory; the queries are built in host
+    # memory, so their passes keep the pass size whatever the GPU (a big card must not lift the host budget)
+    from kernel.rows import ArrayRows
+
+    rows = ArrayRows(np.zeros((1000, 8), np.float32))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (10 ** 12, 10 ** 12))
+    gpu = torch.device("cuda")
+    assert search.pass_rows(rows, gpu, torch.float32, 32 * 100, resident=True) == 1000
+    assert search.pass_rows(rows, gpu, torch.float32, 32 * 100) == 100
+    assert search.pass_rows(rows, torch.device("cpu"), torch.float32, 32 * 100, resident=True) == 100
