@@ -107,7 +107,9 @@ def check_train_labels(df: pd.DataFrame, name: str, lines=None) -> pd.Series:
 
 def read_train_labels(train_labels) -> pd.Series:
     """``train.csv`` (``id,landmark_id``) or a DataFrame with those columns -> Series id -> landmark id (str),
-    checked by :func:`check_train_labels`."""
+    checked by :func:`check_train_labels`. A Series is what this function returned before: used as it is."""
+    if isinstance(train_labels, pd.Series):
+        return train_labels
     if isinstance(train_labels, pd.DataFrame):
         return check_train_labels(train_labels, "train labels")
     return check_train_labels(read_label_csv(train_labels), str(train_labels))

@@ -28,6 +28,7 @@ from pathlib import Path
 from kernel import store as kstore
 from kernel.budget import plan_models
 from kernel.errors import KernelError
+from kernel.labels import read_train_labels
 from kernel.predict_report import PredictReport, decide, log_path, write_log
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,9 @@ def _reuse(opts: PredictOptions, work: Path) -> dict:
     return dict(prepared_dirs=shipped + [prepared_dir(work)], cache_dir=prepared_dir(work), memory_gb=opts.memory_gb)
 
 
-def _postprocess(opts: PredictOptions, work: Path, train_labels: Path, names: list[str], reuse: dict) -> dict:
-    """One post-processing of the working store with the models ``names``: test id -> prediction."""
+def _postprocess(opts: PredictOptions, work: Path, train_labels, names: list[str], reuse: dict) -> dict:
+    """One post-processing of the working store with the models ``names``: test id -> prediction.
+    ``train_labels``: the checked labels (read once per run, not once per chunk)."""
     from kernel.postprocess import pipeline
 
     if opts.track == "recognition":
@@ -213,8 +215,6 @@ def write_fallback(track: str, test_ids: list[str], out: Path, report: PredictRe
 
 def labels_and_work(opts: PredictOptions, report: PredictReport) -> tuple[Path, Path]:
     """The train labels, checked while only the fallback exists, and the working store, created."""
-    from kernel.labels import read_train_labels
-
     train_labels = Path(opts.train_labels) if opts.train_labels else Path(opts.data) / "train.csv"
     if not train_labels.is_file():
         raise KernelError(f"{train_labels}: train labels (id,landmark_id) not found; pass --train-labels")
@@ -366,7 +366,7 @@ def extract_test_in_chunks(opts: PredictOptions, kept: list[dict], measured: Pro
                            work: Path, train_labels: Path, stop_at: float, report: PredictReport) -> dict:
     """Step 4: the test images in chunks (:func:`chunk_ends`), a better submission after each, until
     ``stop_at``. Returns the predictions of the last submission written (empty: the fallback stands)."""
-    reuse = _reuse(opts, work)
+    reuse, labels = _reuse(opts, work), read_train_labels(train_labels)
     names = [e["name"] for e in kept]
     final_predictions = {}
     for end in chunk_ends(measured.size, len(measured.test), opts.chunks, opts.min_chunk):
@@ -377,7 +377,7 @@ def extract_test_in_chunks(opts: PredictOptions, kept: list[dict], measured: Pro
             decide(report, "no model has all of test + %s yet: keeping the fallback submission",
                    " + ".join(REFERENCE_SPLITS[opts.track]))
             continue
-        predictions = _postprocess(opts, work, train_labels, usable, reuse)
+        predictions = _postprocess(opts, work, labels, usable, reuse)
         write_better(opts.track, predictions, test_ids, Path(opts.out), usable, report)
         final_predictions = predictions
         if time.monotonic() >= stop_at:
