@@ -101,10 +101,9 @@ def run_command(fn, args, verbose: bool = False, quiet: bool = False) -> int:
     """Every entry point's error boundary: logging set up, KernelError -> one ``error:`` line, exit 2."""
     setup_logging(verbose, quiet)
     try:
-        if getattr(args, "trust_checkpoint", False):
-            from kernel.models.checkpoint import trust_all_checkpoints
+        from kernel.models.checkpoint import trust_all_checkpoints
 
-            trust_all_checkpoints()
+        trust_all_checkpoints(bool(getattr(args, "trust_checkpoint", False)))  # for this command only
         return int(fn(args) or 0)
     except KernelError as exc:
         print(f"error: {exc}", file=sys.stderr)

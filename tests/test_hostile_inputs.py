@@ -467,3 +467,17 @@ def test_store_files_have_the_mode_of_any_new_file(tmp_path):
     meta = store.write_meta(tmp_path, "m", {"name": "m", "family": "dolg"})
     for p in (path, meta):
         assert (p.stat().st_mode & 0o777) == 0o666 & ~_umask()
+
+
+def test_trust_checkpoint_holds_for_its_own_command_only():
+    # one process, two commands (a notebook calling the CLI twice): the second, without the flag, trusts nothing
+    from types import SimpleNamespace
+
+    from kernel.cli import run_command
+    from kernel.models import checkpoint
+
+    seen = []
+    run_command(lambda a: seen.append(checkpoint._TRUST_ALL), SimpleNamespace(trust_checkpoint=True), quiet=True)
+    run_command(lambda a: seen.append(checkpoint._TRUST_ALL), SimpleNamespace(trust_checkpoint=False), quiet=True)
+    run_command(lambda a: seen.append(checkpoint._TRUST_ALL), SimpleNamespace(), quiet=True)
+    assert seen == [True, False, False]

@@ -21,3 +21,15 @@ def test_step_cost_formula_and_its_inputs():
     assert dual["gpu_hours"] == pytest.approx(2 * c["gpu_hours"])  # Corner-Cutmix: two streams
     with pytest.raises(KernelError, match="unknown GPU 'TPU'"):
         step_cost(step, gpu="TPU")
+
+
+def test_step_cost_of_an_architecture_with_nested_lists():
+    # the tiny preset's hybrids carry lists inside backbone_args (Swin depths): the GFLOP cache must take them
+    from kernel.demo.weights import preset_entries
+
+    entries = preset_entries("tiny")
+    size = next(e["image_size"] for e in entries if e["name"] == "hybrid_b6_swin384_384")
+    step = resolve_step("hybrid_b6_swin384_384", 3, entries, {"image_size": size})
+    assert any(isinstance(v, list) for v in step["arch"].get("backbone_args", {}).values())
+    c = step_cost(step, gpu="V100", images={"gldv2x": 10})
+    assert c["images"] == 10 and c["ms_per_image"] > 0 and c["gpu_hours"] > 0

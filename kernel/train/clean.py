@@ -108,7 +108,6 @@ def run_clean(store, model: str | None, split: str, train_csv, out, **params) ->
     """``python -m kernel.train clean``: read the store and the labels, clean, write CSV + report atomically."""
     from kernel import store as st
     from kernel.cli import output_file
-    from kernel.descriptor_checks import check_descriptors
     from kernel.train.data import read_labels
 
     output_file(out, "--out", inputs=[store, train_csv], side_files=[Path(out).with_name(Path(out).stem + ".report.json")])
@@ -117,8 +116,7 @@ def run_clean(store, model: str | None, split: str, train_csv, out, **params) ->
         if len(models) != 1:
             raise KernelError(f"{store}: holds {len(models)} models ({', '.join(models) or 'none'}); pick one with --model")
         model = models[0]
-    ids, emb = st.load_split(store, model, split)
-    check_descriptors(ids, emb, str(st.split_path(store, model, split)))
+    ids, emb = st.load_split(store, model, split)  # checked by the store's reader
     labels = read_labels(train_csv)
     clean, report = clean_labels(labels, ids, emb, **params)
     report.update(store=str(store), model=model, split=split, train_csv=str(train_csv))

@@ -14,6 +14,7 @@ image size and the network's FLOPs. A projection, not a measurement:
 """
 from __future__ import annotations
 
+import json
 import logging
 from functools import lru_cache
 
@@ -28,20 +29,13 @@ FAMILY_EFFICIENCY = {"dolg": "dolg", "effnet": "effnet", "hybrid": "hybrid", "sw
 
 
 @lru_cache(maxsize=None)
-def _gflops(arch_key: tuple) -> float:
+def _gflops(arch_json: str) -> float:
+    """Forward GFLOP of one architecture (cached by its JSON text: nested lists and dicts included)."""
     from kernel.budget import forward_gflops
     from kernel.train.nets import build_net
 
-    arch = dict(arch_key)
-    for k in ("backbone_args", "embedder_args", "dilations", "tracks"):
-        if k in arch and isinstance(arch[k], tuple):
-            arch[k] = dict(arch[k]) if k.endswith("args") else list(arch[k])
+    arch = json.loads(arch_json)
     return forward_gflops(lambda: build_net(arch), arch["image_size"])
-
-
-def _key(arch: dict) -> tuple:
-    return tuple(sorted((k, tuple(sorted(v.items())) if isinstance(v, dict) else tuple(v) if isinstance(v, list)
-                         else v) for k, v in arch.items()))
 
 
 def step_cost(step: dict, gpu: str = "A100", images: dict | None = None, efficiency: dict | None = None) -> dict:
@@ -52,7 +46,7 @@ def step_cost(step: dict, gpu: str = "A100", images: dict | None = None, efficie
         raise KernelError(f"unknown GPU '{gpu}' (known: {', '.join(GPU_FP16_TFLOPS)})")
     n = {**DATA_IMAGES, **(images or {})}[step["data"]]
     epochs = step["stop_at"] or step["epochs"]
-    gflop = _gflops(_key(step["arch"]))
+    gflop = _gflops(json.dumps(step["arch"], sort_keys=True))
     eff = {**DEFAULT_EFFICIENCY, **(efficiency or {})}[FAMILY_EFFICIENCY[step["arch"]["family"]]]
     ms = 3 * gflop / (GPU_FP16_TFLOPS[gpu] * eff) * (2 if step["cutmix"] else 1)
     return {"recipe": step["recipe"], "step": step["step"], "data": step["data"], "images": n, "epochs": epochs,
