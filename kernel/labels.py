@@ -75,12 +75,13 @@ def read_label_csv(path: str | Path, what: str = "train labels") -> pd.DataFrame
         raise KernelError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from None
 
 
-def check_train_labels(df: pd.DataFrame, name: str, lines=None) -> pd.Series:
+def check_train_labels(df: pd.DataFrame, name: str, lines=None, non_landmark: bool = False) -> pd.Series:
     """Columns ``id`` and ``landmark_id`` of ``df`` (text) -> Series id -> landmark id (str), both stripped.
 
     Raises :class:`KernelError` naming ``name`` and the line for a missing column, an empty, non-integer,
     negative or too large landmark id, an id a CSV cannot hold, or an id listed twice. ``lines``: the file line
-    of each row (default: row + 2, the header being line 1).
+    of each row (default: row + 2, the header being line 1). ``non_landmark``: also accept ``-1``, an image
+    that shows no landmark (validation labels).
     """
     for col in ("id", "landmark_id"):
         if col not in df.columns:
@@ -90,6 +91,8 @@ def check_train_labels(df: pd.DataFrame, name: str, lines=None) -> pd.Series:
     line = np.arange(len(df)) + 2 if lines is None else np.asarray(lines)
     where = lambda row: f"{name}:{line[row]}"  # noqa: E731 - file line of row ``row`` (0-based)
     bad = ~labels.str.fullmatch(LANDMARK_ID.pattern) | (labels.str.len() > 19)
+    if non_landmark:
+        bad &= labels != "-1"
     for row in map(int, bad.to_numpy().nonzero()[0][:1]):
         raise KernelError(f"{where(row)}: landmark_id {labels.iloc[row]!r} {landmark_id_problem(labels.iloc[row])}")
     for row in map(int, (labels.str.len() == 19).to_numpy().nonzero()[0]):

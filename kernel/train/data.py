@@ -48,10 +48,6 @@ def read_labels(path: str | Path, what: str = "train labels", non_landmark: bool
     CSV can hold, no id twice; errors name the file and line). ``what`` names the file in those errors.
     ``non_landmark``: also accept ``-1``, an image that shows no landmark (validation labels only)."""
     df = read_label_csv(path, what)
-    nl = np.zeros(len(df), bool)  # per row of an id,landmark_id file: the non-landmark images
-    if non_landmark and {"id", "landmark_id"} <= set(df.columns):
-        nl = (df["landmark_id"].str.strip() == "-1").to_numpy()
-        df.loc[nl, "landmark_id"] = "0"  # checked as a landmark id, set back to -1 below
     cols = set(df.columns)
     lines = None
     if {"landmark_id", "images"} <= cols and "id" not in cols:  # one row per class: line of each image's row
@@ -62,11 +58,8 @@ def read_labels(path: str | Path, what: str = "train labels", non_landmark: bool
             f"{path}: needs columns 'id,landmark_id' (train.csv) or 'landmark_id,images' (train_clean.csv), "
             f"has {', '.join(df.columns)}"
         )
-    labels = check_train_labels(df, str(path), lines)
-    lid = labels.to_numpy().astype(np.int64)
-    if nl.any():  # only an id,landmark_id file has such rows
-        lid[nl] = -1
-    return pd.DataFrame({"id": labels.index, "landmark_id": lid})
+    labels = check_train_labels(df, str(path), lines, non_landmark=non_landmark and lines is None)
+    return pd.DataFrame({"id": labels.index, "landmark_id": labels.to_numpy().astype(np.int64)})
 
 
 def load_named(data_dir: str | Path, name: str) -> pd.DataFrame:
