@@ -22,6 +22,7 @@ from torch import nn
 from kernel.errors import KernelError
 from kernel.models.dolg import DOLG
 from kernel.models.effnet import EffNet
+from kernel.models import swin_layout
 from kernel.models.hybrid import Hybrid, ShapeMismatch
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def load_weights(model: nn.Module, source, name: str | None = None, trusted: boo
     except ShapeMismatch as exc:
         raise CheckpointError(f"model '{name}': {origin}: wrong shapes: {exc}") from None
     # buffers the model computes itself are never taken from a checkpoint
-    sd = {k: v for k, v in sd.items() if "relative_position_index" not in k and "attn_mask" not in k}
+    sd = {k: v for k, v in sd.items() if not swin_layout.is_derived_buffer(k)}
     own = model.state_dict()
     missing = set(own) - set(sd)
     unexpected = set(sd) - set(own)

@@ -90,8 +90,8 @@ class Hybrid(nn.Module):
           never called: Swin pools its tokens itself);
         - drops the embedder's blocks past the feature level (never used) and any classifier end it has;
         - moves old timm's stage-end patch merging (``layers.i.downsample``) to the start of the next stage
-          (:func:`kernel.models.swin_layout.old_to_new`) when the Swin part is in old timm's layout, and skips
-          the stored ``relative_position_index`` / ``attn_mask`` buffers (they follow from the architecture).
+          (:func:`kernel.models.swin_layout.old_to_new`) when the Swin part is in old timm's layout (the stored
+          ``relative_position_index`` / ``attn_mask`` buffers are dropped by ``load_weights`` for every model).
         Shapes of ``relative_position_bias_table`` are checked first and named: a wrong window size is a wrong
         architecture, an error, never a resample.
         """
@@ -122,8 +122,7 @@ class Hybrid(nn.Module):
         if bad:
             raise ShapeMismatch(bad)
         rename = swin_layout.old_to_new if swin_layout.is_old_layout(swin) else (lambda k: k)
-        out.update({f"backbone.{rename(k)}": v for k, v in swin.items()
-                    if "relative_position_index" not in k and "attn_mask" not in k})
+        out.update({f"backbone.{rename(k)}": v for k, v in swin.items()})  # load_weights drops the derived buffers
         return out
 
 

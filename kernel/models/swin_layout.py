@@ -34,6 +34,12 @@ def new_to_old(key: str) -> str:
     return _shift(key, -1)
 
 
+def is_derived_buffer(key: str) -> bool:
+    """Swin's ``relative_position_index`` / ``attn_mask``: buffers that follow from the architecture, stored
+    in some checkpoints, never loaded from one."""
+    return "relative_position_index" in key or "attn_mask" in key
+
+
 def is_old_layout(keys) -> bool:
     """Whether a Swin state dict's ``keys`` are in old timm's layout: only there does stage 0 hold a
     patch merging (the training head cannot tell, headless checkpoints have none)."""

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from kernel.errors import KernelError
-from kernel.models.swin_layout import new_to_old, old_to_new
+from kernel.models.swin_layout import is_derived_buffer, new_to_old, old_to_new
 from kernel.store import atomic_write
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,7 @@ def from_original(state_dict: dict, family: str) -> dict:
     """Inverse of :func:`to_original` (drops Swin's derived ``relative_position_index`` / ``attn_mask``)."""
     if family not in _SWIN_FAMILIES:
         return dict(state_dict)
-    return {old_to_new(k): v for k, v in state_dict.items()
-            if "relative_position_index" not in k and "attn_mask" not in k}
+    return {old_to_new(k): v for k, v in state_dict.items() if not is_derived_buffer(k)}
 
 
 def atomic_save(obj, path: str | Path) -> Path:
