@@ -615,3 +615,17 @@ def test_publish_replaces_an_earlier_build_in_one_rename(tmp_path):
     publish(staging, out)
     assert json.loads((out / "report.json").read_text()) == {"new": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]  # no staging or old folder left
+
+
+def test_an_earlier_build_holding_other_files_is_not_replaced(tmp_path):
+    # a rebuild replaces the earlier build whole: a file the user put beside it would go with it, so it is refused
+    from kernel.bundle.checks import check_out
+
+    out = tmp_path / "build"
+    (out / "dataset").mkdir(parents=True)
+    (out / "report.json").write_text("{}")
+    check_out(out)  # an earlier build: may be replaced
+    (out / "my_notes.txt").write_text("keep me")
+    with pytest.raises(KernelError, match=r"holds my_notes.txt besides an earlier build"):
+        check_out(out)
+    assert (out / "my_notes.txt").read_text() == "keep me"

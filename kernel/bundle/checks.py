@@ -189,6 +189,10 @@ def check_labels_for(tracks: list[str], train_labels) -> int:
     return check_train_labels(train_labels) if train_labels is not None else 0
 
 
+#: what a build writes into ``--out`` (see kernel.bundle.build): all that a rebuild may replace
+BUILD_ENTRIES = frozenset({"dataset", "notebook", "report.json", "report.txt"})
+
+
 def check_out(out: Path, inputs=()) -> None:
     """An earlier build or a new/empty folder, outside the package it ships and every input of the build."""
     from kernel.cli import output_dir
@@ -197,6 +201,11 @@ def check_out(out: Path, inputs=()) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
         raise KernelError(f"--out {out}: exists and is not an earlier build (no report.json): remove it or "
                           "choose another folder")
+    # an earlier build is replaced whole: anything else in the folder would be deleted with it
+    others = sorted(p.name for p in out.iterdir() if p.name not in BUILD_ENTRIES) if out.is_dir() else []
+    if others:
+        raise KernelError(f"--out {out}: holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''} besides "
+                          "an earlier build, which replacing the build would delete: move them or choose another folder")
 
 
 def check_checkpoints(entries: list[dict], weights: Path, converting: bool, n_images: int,
