@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from kernel.bundle.build import DEFAULT_DEADLINE_HOURS, DEFAULT_SLUG
+    from kernel.bundle import notebook
     from kernel.bundle.convert import DEFAULT_FP16_TOLERANCE
 
     p.add_argument("--weights", required=True, help="folder with the checkpoints the manifest names")
@@ -73,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predict-args", default="", help="extra arguments for 'python -m kernel predict' in the "
                    "notebook, e.g. \"--rerank two-stage\"")
     p.add_argument("--public", action="store_true", help="make the notebook public (default private)")
-    p.add_argument("--accelerator", choices=["t4x2", "p100", "cpu"], default="t4x2",
+    p.add_argument("--accelerator", choices=list(notebook.ACCELERATORS), default="t4x2",
                    help="the notebook's Kaggle accelerator, written as machine_shape in kernel-metadata.json: t4x2 "
                    "(default, 'GPU T4 x2', what Kaggle gives today), p100 (retired: Kaggle runs it on the T4 x2 "
                    "and warns), cpu (no GPU)")

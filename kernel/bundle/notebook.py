@@ -82,10 +82,14 @@ def code_cells_of(notebook_text: str) -> list[str]:
     return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
 
 
-def check_accelerator(accelerator: str) -> list[str]:
-    """Refuse an unknown accelerator; the warnings of a known one (the build report lists them)."""
+def _known(accelerator: str) -> None:
     if accelerator not in ACCELERATORS:
         raise KernelError(f"--accelerator {accelerator!r}: choose one of {', '.join(ACCELERATORS)}")
+
+
+def check_accelerator(accelerator: str) -> list[str]:
+    """Refuse an unknown accelerator; the warnings of a known one, logged once (the build report lists them)."""
+    _known(accelerator)
     if accelerator != "p100":
         return []
     text = ("--accelerator p100: Kaggle has retired the P100 ('NvidiaTeslaP100' is retired. Sessions run on the "
@@ -101,7 +105,7 @@ def kernel_metadata(user: str, kernel_slug: str, title: str, code_file: str, dat
     the accelerator's ``machine_shape`` (``cpu``: GPU off)."""
     from kernel.budget import TARGETS
 
-    check_accelerator(accelerator)
+    _known(accelerator)  # the build checked it and warned (check_accelerator) once for all notebooks
     gpu = {"machine_shape": TARGETS[accelerator]["machine_shape"]} if accelerator in TARGETS else {}
     return {
         "id": f"{user}/{kernel_slug}",
