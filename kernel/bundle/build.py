@@ -2,8 +2,8 @@
 
 The options are one :class:`BundleOptions`; :func:`build_bundle` runs the phases, each a function of its own.
 
-1. *Validate* everything, writing nothing (:func:`check_inputs`, the checks in :mod:`kernel.bundle.checks`):
-   the Kaggle ids, the manifest and the model selection (unknown model names, models outside the track), every
+1. *Validate* everything, writing nothing (the Kaggle ids and numbers when the :class:`BundleOptions` is made;
+   then :func:`check_inputs`, the checks in :mod:`kernel.bundle.checks`): the manifest and the model selection (unknown model names, models outside the track), every
    checkpoint (present, sha256 as pinned, loads strictly into its manifest entry), the descriptor stores
    (complete splits, ``meta.json`` naming the same checkpoint), the train labels, the wheels, the output
    folder. Any problem raises :class:`KernelError` naming it.

@@ -58,7 +58,7 @@ def load_model(entry: dict, weights_dir: str | Path, device="cpu", verify: bool 
     What identifies the model: a pinned sha256 proves the file is the manifest entry's own. Without one only
     the architecture (every key and shape) can be checked, and another model's checkpoint of the same
     architecture would load: that is logged as a warning naming the model. Only a file whose pinned sha256
-    matched may need full unpickling (:func:`read_checkpoint`)."""
+    matched may need full unpickling (:func:`read_checkpoint`), unless ``--trust-checkpoint`` allows every file."""
     path = Path(weights_dir) / entry["checkpoint"]
     if not path.is_file():
         raise CheckpointError(f"model '{entry['name']}': checkpoint {path} not found")
