@@ -1,51 +1,64 @@
 #!/usr/bin/env bash
-# The checks only a GPU can show, as one call on a lent GPU machine (about 8-10 minutes on an H100;
-# the tests alone took over 2 minutes there):
-#   1. the fast test suite and the GPU-marked tests, with CUDA visible (fp16 extraction, streamed search on the device);
-#   2. bench_extract on the real model sizes: fp16 forward and pipeline throughput per model;
-#   3. a rehearsal of the post-processing at 400,000 train images with --device cuda (device-resident / streamed search),
-#      then its recognition track on this machine's CPU as the baseline (same store, same call).
-# Logs and JSON go to $OUT (default /tmp/gpu_session). Each part has its own time limit, so one slow part
-# cannot eat the others. Usage: bash benchmarks/gpu_session.sh [tests|extract|rehearse ...] (default: all four)
+# The checks only a GPU can show, as one call on a lent GPU machine (about 8 minutes on an H200):
+#   tests     the whole suite (slow tests and training included) with CUDA visible, in parallel, each test
+#             with its own time limit (pytest-timeout) so one hang cannot eat the session;
+#   train     benchmarks.bench_train: training images/s of the tiny step, CPU fp32 against CUDA fp16 and bf16;
+#   extract   benchmarks.bench_extract on the real model sizes: fp16 forward and pipeline throughput per model;
+#   post      benchmarks.bench_device_postprocess at 400,000 train images: recognition with the database
+#             resident on the GPU, streamed to it, and on this machine's CPU (same store, same call);
+#   profile   python -m kernel profile --device cuda: ms/image, best batch size and measured efficiency per model.
+# Output (at most 8 files come back from a lent machine): $OUT/session.log (environment, every part's exit
+# status and time, the tail of its log), $OUT/tests.log, and one JSON per measurement. Each part has its own
+# time limit, so one slow part cannot eat the others.
+# Usage: bash benchmarks/gpu_session.sh [tests|train|extract|post|profile ...] (default: all, in that order);
+# TEST_ARGS overrides the test selection (e.g. "tests/test_train_gpu.py" for a rerun of one file).
 set -u
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-PARTS=${*:-tests extract rehearse rehearse_cpu}
-REHEARSE_TRAIN=${REHEARSE_TRAIN:-400000}
-EXTRACT_IMAGES=${EXTRACT_IMAGES:-512}
+PARTS=${*:-tests train extract post profile}
+LOGS=/tmp/gpu_session_logs
+mkdir -p "$LOGS"
+LOG="$OUT/session.log"
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  nproc; free -g | head -2
-  $PY -c "import sys,torch,timm,numpy;print('python',sys.version.split()[0],'torch',torch.__version__,'timm',timm.__version__,'numpy',numpy.__version__,'cuda',torch.cuda.is_available())"
-  $PY -c "import faiss; print('faiss', faiss.__version__)" 2>&1 | tail -1
-} 2>&1 | tee "$OUT/env.log"
+  echo "cpus $(nproc)"; free -g | head -2
+  $PY -c "import sys,torch,timm,numpy,pandas;print('python',sys.version.split()[0],'torch',torch.__version__,'timm',timm.__version__,'numpy',numpy.__version__,'pandas',pandas.__version__,'cuda',torch.cuda.is_available(),'nccl',torch.distributed.is_nccl_available())"
+  $PY -c "import xdist, pytest_timeout; print('pytest-xdist and pytest-timeout present')" 2>&1 | tail -1
+} 2>&1 | tee "$LOG"
+
+part_log() { echo "--- $1 (last ${2:-25} lines)"; tail -n "${2:-25}" "$LOGS/$1.log"; }
 
 for part in $PARTS; do
   t0=$(date +%s); rc=none
   case $part in
     tests)
-      timeout 240 $PY -m pytest -q -p no:cacheprovider -m "not slow or gpu" -rs > "$OUT/tests.log" 2>&1; rc=$?
+      # -n 8: eight processes share the GPU (each its own CUDA context, well inside 140 GB)
+      timeout 330 $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 240 -rfEs --durations 15 \
+        ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1; rc=$?
+      ;;
+    train)
+      timeout 120 $PY -m benchmarks.bench_train --runs cpu:fp32 cuda:fp16 cuda:bf16 \
+        --json "$OUT/train.json" > "$LOGS/train.log" 2>&1; rc=$?
       ;;
     extract)
-      timeout 180 $PY -m benchmarks.bench_extract --preset full --images "$EXTRACT_IMAGES" --batch-size 32 \
-        --repeat 1 ${EXTRACT_MODELS:+--models "$EXTRACT_MODELS"} --json "$OUT/extract.json" > "$OUT/extract.log" 2>&1; rc=$?
+      timeout 150 $PY -m benchmarks.bench_extract --preset full --images 512 --batch-size 32 --repeat 1 \
+        --json "$OUT/extract.json" > "$LOGS/extract.log" 2>&1; rc=$?
       ;;
-    rehearse)
-      rm -rf /tmp/gpu_rehearsal
-      timeout 150 $PY -m kernel rehearse --out /tmp/gpu_rehearsal --train "$REHEARSE_TRAIN" --index 20000 \
-        --test 5000 --bank 2000 --device "${REHEARSE_DEVICE:-cuda}" > "$OUT/rehearse.log" 2>&1; rc=$?
-      cp /tmp/gpu_rehearsal/rehearsal_result.json "$OUT/rehearse.json" 2>/dev/null
-      tail -30 /tmp/gpu_rehearsal/*.log > "$OUT/rehearse_children.log" 2>/dev/null
+    post)
+      timeout 200 $PY -m benchmarks.bench_device_postprocess --train 400000 --index 20000 --test 5000 --bank 2000 \
+        --root /tmp/gpu_post --json "$OUT/postprocess.json" > "$LOGS/post.log" 2>&1; rc=$?
       ;;
-    rehearse_cpu)  # the same store's recognition on this machine's CPU: the baseline for the GPU's time above
-      timeout 120 $PY -m kernel rehearse --out /tmp/gpu_rehearsal --train "$REHEARSE_TRAIN" --index 20000 \
-        --test 5000 --bank 2000 --device cpu --tracks recognition > "$OUT/rehearse_cpu.log" 2>&1; rc=$?
-      cp /tmp/gpu_rehearsal/rehearsal_result.json "$OUT/rehearse_cpu.json" 2>/dev/null
+    profile)
+      timeout 150 $PY -m kernel profile --device cuda --batch-sizes 8,16,32,64,128 --iters 5 \
+        --json "$OUT/profile.json" > "$LOGS/profile.log" 2>&1; rc=$?
       ;;
+    *) echo "unknown part $part"; continue ;;
   esac
-  echo "== $part: exit $rc in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.log"
+  echo "== $part: exit $rc in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
+  [ "$part" = tests ] || part_log "$part" 40 >> "$LOG"
 done
-echo "===== summary"; cat "$OUT/env.log"; tail -5 "$OUT/tests.log" 2>/dev/null
-tail -15 "$OUT/extract.log" 2>/dev/null; grep -hE "models:|error" "$OUT"/rehearse*.log 2>/dev/null
+echo "===== summary" | tee -a "$LOG"
+grep "^== " "$LOG"
+tail -25 "$OUT/tests.log" 2>/dev/null

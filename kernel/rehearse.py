@@ -88,8 +88,8 @@ def write_store(out: Path, n_train: int, n_index: int, n_test: int, n_bank: int,
     return {"sizes": sizes, "models": [m[0] for m in models], "dim": dim, "seed": seed, "landmarks": n_landmarks}
 
 
-def run_child(args: list[str], log_path: Path) -> dict:
-    """Run ``python -m kernel postprocess ...``; its wall time and peak resident memory.
+def run_child(args: list[str], log_path: Path, module: str = "kernel") -> dict:
+    """Run ``python -m kernel postprocess ...`` (``python -m MODULE ARGS``); its wall time and peak resident memory.
 
     The peak is the one the child reports for its own program (``peak_rss_gib`` in its last JSON line:
     :func:`kernel.memory.peak_rss_gib`); ``getrusage`` of the child through ``wait4`` is kept beside it as
@@ -97,7 +97,7 @@ def run_child(args: list[str], log_path: Path) -> dict:
     """
     t0 = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "kernel", *args], stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
                                 cwd=Path(__file__).resolve().parents[1])
         _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)

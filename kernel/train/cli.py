@@ -123,13 +123,17 @@ def add_smoke(p) -> None:
     p.add_argument("--out", default=None, help="keep the generated data and runs here (default: a temp folder)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="as fit's: auto is fp32 on a CPU, bf16 (else fp16) on a GPU")
 
 
 def run_smoke(args) -> int:
     from kernel.train.smoke import run_smoke as smoke
 
     fams = [f.strip() for f in args.families.split(",")] if args.families else None
-    res = smoke(quick=args.quick, out=args.out, families=fams, seed=args.seed, progress=not args.json)
+    res = smoke(quick=args.quick, out=args.out, families=fams, seed=args.seed, progress=not args.json,
+                device=args.device, precision=args.precision)
     if not args.json:
         for fam, r in res["families"].items():
             print(f"{fam:7s} ({r['model']}): mAP@100 {r['map_before']:.3f} -> {r['map_after']:.3f}, "

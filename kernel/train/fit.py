@@ -2,7 +2,8 @@
 
 Mixed precision (bf16 where the GPU has it, else fp16 with a grad scaler; fp32 on CPU), distributed data
 parallel when started by ``torchrun`` (one process per GPU; ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` from the
-environment; NCCL on GPUs, Gloo on CPUs; a collective timeout sized for validation), Adam (or SGD), the
+environment; NCCL on GPUs, Gloo on CPUs; a collective timeout sized for validation; under ``torchrun`` even one
+process runs DDP and the collectives), Adam (or SGD), the
 recipes' schedules (per-iteration cosine / poly with linear warm-up, or the 2020 code's per-epoch one),
 gradient accumulation and optional clipping, a NaN guard that skips a step on every rank together and stops
 after too many in a row, a progress bar, per-epoch validation sharded over the ranks (GAP and mAP@100 of
@@ -54,16 +55,22 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    distributed: bool = False  # a process group runs: DDP and collectives (torchrun, or several processes)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
+#: set by ``torchrun`` (torch.distributed.elastic) in every process it starts
+TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"
+
+
 def setup_distributed(device: str | None = None, timeout_min: float = None) -> Dist:
     """Read torchrun's environment; start the process group when there is more than one process.
     ``timeout_min``: how long a collective (a barrier while rank 0 scores validation and writes checkpoints)
-    may wait before the job is killed; PyTorch's default is 10 minutes."""
+    may wait before the job is killed; PyTorch's default is 10 minutes. The group starts when there is more than
+    one process or the process was started by ``torchrun`` (then also for one: the multi-GPU path on one GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -72,10 +79,11 @@ def setup_distributed(device: str | None = None, timeout_min: float = None) -> D
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or TORCHRUN_ENV in os.environ) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_min or DIST_TIMEOUT_MIN))
-    return Dist(rank, world, local, dev)
+        log.info("process group: %s backend, rank %d of %d on %s", dist.get_backend(), rank, world, dev)
+    return Dist(rank, world, local, dev, distributed=dist.is_available() and dist.is_initialized())
 
 
 def check_gpu_count(step: dict, world: int, scale_lr: bool = False, warn: bool = True) -> float:
@@ -170,7 +178,7 @@ def wrap_trainee(net, env: Dist, sync_bn: bool, find_unused: bool = False) -> to
     GPUs; on CPUs a warning says BatchNorm statistics stay per process). ``find_unused``: some parameters are
     frozen (``train_only``)."""
     trainee = Trainee(net)
-    if env.world == 1:
+    if not env.distributed:
         return trainee
     if sync_bn and env.device.type == "cuda":
         trainee = torch.nn.SyncBatchNorm.convert_sync_batchnorm(trainee)
@@ -183,7 +191,7 @@ def wrap_trainee(net, env: Dist, sync_bn: bool, find_unused: bool = False) -> to
 
 def _all_finite(x: torch.Tensor, env: Dist) -> bool:
     ok = torch.isfinite(x.detach()).all().float().reshape(1)
-    if env.world > 1:
+    if env.distributed:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item() > 0)
 
@@ -345,13 +353,14 @@ class StepRun:
         bar = tqdm(self.loader, desc=f"{step['recipe']} s{step['step']} e{epoch}", disable=not self.progress,
                    total=self.iters_per_epoch * accum, dynamic_ncols=True)
         self.optimizer.zero_grad(set_to_none=True)
+        t0, seen = time.perf_counter(), 0
         for i, (x, y) in enumerate(bar):
             if i >= self.iters_per_epoch * accum:
                 break
             x = x.to(env.device, non_blocking=True)
             y = y.to(env.device, non_blocking=True)
             boundary = (i + 1) % accum == 0
-            sync = contextlib.nullcontext() if boundary or env.world == 1 else self.trainee.no_sync()
+            sync = contextlib.nullcontext() if boundary or not env.distributed else self.trainee.no_sync()
             with sync:
                 loss = self._forward_loss(x, y)
                 if not _all_finite(loss, env):
@@ -363,7 +372,8 @@ class StepRun:
                     self.optimizer.zero_grad(set_to_none=True)
                     continue
                 self.scaler.scale(loss / accum).backward()
-            losses.append(float(loss.detach()))
+            losses.append(float(loss.detach()))  # a host sync per batch: the throughput below is wall time
+            seen += len(x)
             if not boundary:
                 continue
             self.scaler.unscale_(self.optimizer)
@@ -383,8 +393,11 @@ class StepRun:
             if self.progress:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         bar.close()
+        elapsed = time.perf_counter() - t0
         return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "skipped_steps": skipped,
-                "lr": float(self.scheduler.get_last_lr()[0])}
+                "lr": float(self.scheduler.get_last_lr()[0]),
+                # training images per second over all ranks (loading, forward, backward, step), validation apart
+                "train_images_per_s": round(seen * env.world / elapsed, 1) if elapsed > 0 else float("nan")}
 
     def validate(self) -> dict:
         """Every rank embeds its shard of the validation images (:func:`embed_sharded`); rank 0 scores them
@@ -428,7 +441,7 @@ class StepRun:
                 self.save(epoch, m)
                 log.info("epoch %d/%d: %s", epoch, last_epoch, _fmt(m))
                 self.history.append({"epoch": epoch, **m})
-            if env.world > 1:
+            if env.distributed:
                 dist.barrier()
         return self.history
 

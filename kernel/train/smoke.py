@@ -1,4 +1,4 @@
-"""``python -m kernel.train smoke``: proof on a CPU, in minutes, that the training loop learns.
+"""``python -m kernel.train smoke``: proof on a CPU (or ``--device cuda``), in minutes, that the training loop learns.
 
 The 13 photographs bundled in ``kernel/demo/sample_data/gldv2`` become 13 classes: each photo gives several views
 (random crops, flips, colour jitter, small rotations) written as JPEGs in the GLDv2 ``a/b/c`` folder layout with
@@ -76,9 +76,10 @@ def smoke_step(entry: dict, image_size: int, epochs: int, batch_size: int, lr: f
 
 def run_smoke(quick: bool = False, out: str | Path | None = None, families=None, seed: int = 0,
               progress: bool = True, views: int | None = None, held: int | None = None, epochs: int | None = None,
-              lr: float | None = None, image_size: int = 64) -> dict:
-    """Generate the data, train, and return ``{"map_before", "map_after", ...}`` (the first family's numbers at
-    the top level, every family's under ``"families"``)."""
+              lr: float | None = None, image_size: int = 64, device: str = "cpu", precision: str = "auto") -> dict:
+    """Generate the data, train on ``device`` (``precision`` as ``fit --precision``: fp32 on a CPU, bf16 or fp16
+    on a GPU), and return ``{"map_before", "map_after", ...}`` (the first family's numbers at the top level,
+    every family's under ``"families"``)."""
     from kernel.demo.weights import preset_entries
     from kernel.train.data import holdout, read_labels
     from kernel.train.fit import StepRun
@@ -103,7 +104,7 @@ def run_smoke(quick: bool = False, out: str | Path | None = None, families=None,
             name, fam_lr = FAMILIES[fam]
             step = smoke_step(entries[name], image_size=image_size, epochs=epochs, batch_size=16, lr=lr or fam_lr)
             run = StepRun(step, train_df, val_df, data, root / "runs" / fam, workers=0, seed=seed,
-                          device="cpu", progress=progress)
+                          device=device, precision=precision, progress=progress)
             hist = run.run(validate_before=True)
             results[fam] = {"model": name, "map_before": hist[0]["map100"], "map_after": hist[-1]["map100"],
                             "gap_before": hist[0]["gap"], "gap_after": hist[-1]["gap"],
@@ -112,4 +113,4 @@ def run_smoke(quick: bool = False, out: str | Path | None = None, families=None,
     first = results[families[0]]
     return {"map_before": first["map_before"], "map_after": first["map_after"], "family": families[0],
             "classes": int(df["landmark_id"].nunique()), "train_images": len(train_df), "val_images": len(val_df),
-            "epochs": epochs, "seconds": round(time.time() - t0, 1), "families": results}
+            "epochs": epochs, "seconds": round(time.time() - t0, 1), "device": device, "families": results}

@@ -38,9 +38,9 @@ def embed(net, dataset, device, batch_size: int, workers: int, amp_dtype=None, d
 
 def embed_sharded(net, dataset, env: Dist, batch_size: int, workers: int, amp_dtype=None):
     """:func:`embed` with the dataset split into ``env.world`` contiguous shards, one per rank, gathered on
-    every rank in dataset order (padded to equal length for ``all_gather``, then trimmed). One rank: plain
+    every rank in dataset order (padded to equal length for ``all_gather``, then trimmed). No process group: plain
     :func:`embed`."""
-    if env.world == 1:
+    if not env.distributed:
         return embed(net, dataset, env.device, batch_size, workers, amp_dtype, desc="validate")
     shards = np.array_split(np.arange(len(dataset)), env.world)
     mine = shards[env.rank]
