@@ -35,23 +35,23 @@ for part in $PARTS; do
   case $part in
     tests)
       # -n 8: eight processes share the GPU (each its own CUDA context, well inside 140 GB)
-      timeout 330 $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 240 -rfEs --durations 15 \
+      timeout ${TESTS_LIMIT:-240} $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 240 -rfEs --durations 15 \
         ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1; rc=$?
       ;;
     train)
-      timeout 120 $PY -m benchmarks.bench_train --runs cpu:fp32 cuda:fp16 cuda:bf16 \
+      timeout 60 $PY -m benchmarks.bench_train --runs cpu:fp32 cuda:fp16 cuda:bf16 \
         --json "$OUT/train.json" > "$LOGS/train.log" 2>&1; rc=$?
       ;;
     extract)
-      timeout 150 $PY -m benchmarks.bench_extract --preset full --images 512 --batch-size 32 --repeat 1 \
+      timeout 90 $PY -m benchmarks.bench_extract --preset full --images 512 --batch-size 32 --repeat 1 \
         --json "$OUT/extract.json" > "$LOGS/extract.log" 2>&1; rc=$?
       ;;
     post)
-      timeout 200 $PY -m benchmarks.bench_device_postprocess --train 400000 --index 20000 --test 5000 --bank 2000 \
+      timeout 110 $PY -m benchmarks.bench_device_postprocess --train 400000 --index 20000 --test 5000 --bank 2000 \
         --root /tmp/gpu_post --json "$OUT/postprocess.json" > "$LOGS/post.log" 2>&1; rc=$?
       ;;
     profile)
-      timeout 150 $PY -m kernel profile --device cuda --batch-sizes 8,16,32,64,128 --iters 5 \
+      timeout 70 $PY -m kernel profile --device cuda --batch-sizes 8,16,32,64,128 --iters 5 \
         --json "$OUT/profile.json" > "$LOGS/profile.log" 2>&1; rc=$?
       ;;
     *) echo "unknown part $part"; continue ;;
