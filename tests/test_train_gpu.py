@@ -47,7 +47,7 @@ def cpu_smoke():
     return run_smoke(quick=True, progress=False, device="cpu", precision="fp32")
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(150)
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_smoke_learns_on_cuda_as_on_the_cpu(precision, cpu_smoke):
     gpu = run_smoke(quick=True, progress=False, device="cuda", precision=precision)
@@ -62,7 +62,7 @@ def test_smoke_learns_on_cuda_as_on_the_cpu(precision, cpu_smoke):
     assert gpu["map_after"] == pytest.approx(cpu_smoke["map_after"], abs=0.2), (gpu, cpu_smoke)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(150)
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_fit_on_cuda_finishes_and_resumes(precision, views, tiny_weights, tmp_path):
     manifest = tiny_weights[1]
@@ -87,7 +87,7 @@ def test_fit_on_cuda_finishes_and_resumes(precision, views, tiny_weights, tmp_pa
     assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(150)
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_nccl_available(),
                     reason="this torch has no NCCL")
 def test_one_process_under_torchrun_trains_through_nccl(views, tiny_weights, tmp_path):
@@ -97,7 +97,7 @@ def test_one_process_under_torchrun_trains_through_nccl(views, tiny_weights, tmp
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            "-m", "kernel.train", "-v", *_args(views, out, tiny_weights[1], "--precision", "bf16",
                                               "--set", "epochs=2")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=140)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "process group: nccl backend, rank 0 of 1 on cuda:0" in log, log[-4000:]
