@@ -35,7 +35,7 @@ for part in $PARTS; do
   case $part in
     tests)
       # -n 8: eight processes share the GPU (each its own CUDA context, well inside 140 GB)
-      timeout ${TESTS_LIMIT:-240} $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 120 -rfEs --durations 15 \
+      timeout -s INT -k 15 ${TESTS_LIMIT:-240} $PY -m pytest -v -p no:cacheprovider -n ${TEST_PROCS:-8} --timeout 100 -rfEs --durations 25 \
         ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1; rc=$?
       ;;
     train)

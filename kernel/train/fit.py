@@ -78,6 +78,7 @@ def setup_distributed(device: str | None = None, timeout_min: float = None) -> D
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
+        dev = dev if dev.index is not None else torch.device("cuda", local)  # "cuda": this rank's own GPU
         torch.cuda.set_device(dev)
     if (world > 1 or TORCHRUN_ENV in os.environ) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
