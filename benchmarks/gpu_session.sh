@@ -7,6 +7,8 @@
 #   post      benchmarks.bench_device_postprocess at 400,000 train images: recognition with the database
 #             resident on the GPU, streamed to it, and on this machine's CPU (same store, same call);
 #   profile   python -m kernel profile --device cuda: ms/image, best batch size and measured efficiency per model.
+# Device time is short (15 minutes a session, the start included): the first H200 call ran every part and
+# each reached its limit; give the parts time by running fewer of them per call.
 # Output (at most 8 files come back from a lent machine): $OUT/session.log (environment, every part's exit
 # status and time, the tail of its log), $OUT/tests.log, and one JSON per measurement. Each part has its own
 # time limit, so one slow part cannot eat the others.
@@ -34,7 +36,10 @@ for part in $PARTS; do
   t0=$(date +%s); rc=none
   case $part in
     tests)
-      # -n 8: eight processes share the GPU (each its own CUDA context, well inside 140 GB)
+      # -n N processes share the GPU (each its own CUDA context, well inside 140 GB) and the cores: each gets
+      # cores/N threads. With torch's default (every core in every process: 256 threads on 16 cores) the
+      # subprocess tests ran past their limits on the H200 machine.
+      export OMP_NUM_THREADS=$(( $(nproc) / ${TEST_PROCS:-8} > 0 ? $(nproc) / ${TEST_PROCS:-8} : 1 ))
       timeout -s INT -k 15 ${TESTS_LIMIT:-240} $PY -m pytest -v -p no:cacheprovider -n ${TEST_PROCS:-8} --timeout 100 -rfEs --durations 25 \
         ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1; rc=$?
       ;;

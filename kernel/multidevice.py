@@ -197,9 +197,10 @@ class _Workers:
         """Ask every worker to stop after its batch, wait for their flushes, then end the stragglers."""
         self.stop.set()
         t_end = time.monotonic() + JOIN_SECONDS
-        for p in self.procs:
+        started = [p for p in self.procs if p.pid is not None]  # an interrupted start() leaves some unstarted
+        for p in started:
             p.join(max(0.1, t_end - time.monotonic()))
-        for p in self.procs:
+        for p in started:
             if p.is_alive():
                 log.warning("%s did not stop within %.0f s: terminating it", p.name, JOIN_SECONDS)
                 p.terminate()

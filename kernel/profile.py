@@ -33,6 +33,23 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+#: seconds of forwards before a GPU timing: an idle GPU clocks down (an H200 idles at a sixth of its clock) and
+#: takes a while to ramp up; one warm-up forward left the first model of a profile 3x slow there
+WARM_SECONDS = 0.5
+
+
+def _warm_up(model, x, device: torch.device) -> None:
+    """At least one forward; on a GPU, forwards until :data:`WARM_SECONDS` have passed (clock ramp, cuDNN's
+    choice of kernels for this shape, lazy loading)."""
+    t_end = time.perf_counter() + (WARM_SECONDS if device.type == "cuda" else 0.0)
+    while True:
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if time.perf_counter() >= t_end:
+            return
+
+
 def time_model(model, size: int, device: torch.device, batch_sizes, iters: int) -> tuple[float, int]:
     """Best (ms per image, batch size) over the candidate batch sizes; stops growing the batch on OOM or
     when throughput stops improving."""
@@ -44,9 +61,7 @@ def time_model(model, size: int, device: torch.device, batch_sizes, iters: int) 
             x = x.contiguous(memory_format=torch.channels_last)
         try:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                model(x)  # warm-up
-                if amp:
-                    torch.cuda.synchronize(device)
+                _warm_up(model, x, device)
                 t0 = time.perf_counter()
                 for _ in range(iters):
                     model(x)

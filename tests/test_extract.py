@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import kernel.extract as kx
@@ -81,6 +82,13 @@ def _load(store, names):
     return {n: kstore.load_split(store, n, "test") for n in names}
 
 
+# On a GPU the extraction runs in float16 autocast and cuDNN picks its kernels per batch shape: descriptors differ
+# from a float32 CPU forward, and between batch compositions, by about 1e-4 (an H200 showed up to 1.1e-4 on these
+# unit vectors). On a CPU the extraction is float32 and only the summation order differs.
+ROUNDING_ATOL = 5e-4 if torch.cuda.is_available() else 1e-6
+REFERENCE_ATOL = 5e-4 if torch.cuda.is_available() else 1e-5
+
+
 def _assert_same(a: dict, b: dict, atol: float = 0.0):
     """Same ids, same descriptors (bit for bit unless ``atol``)."""
     assert a.keys() == b.keys()
@@ -105,7 +113,6 @@ def test_one_pass_equals_each_model_alone(entries, tiny_weights, images, tmp_pat
     # the pipeline equals the original one done by hand: cv2.imread (EXIF applied, alpha dropped, 16-bit
     # high byte, any format by content), cv2 INTER_LINEAR resize, ImageNet normalisation, the model alone
     import cv2
-    import torch
 
     from kernel.models import IMAGENET_MEAN, IMAGENET_STD, load_model
 
@@ -122,7 +129,7 @@ def test_one_pass_equals_each_model_alone(entries, tiny_weights, images, tmp_pat
                  - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
             with torch.no_grad():
                 ref = model(x)[0].numpy()
-            np.testing.assert_allclose(emb[ids.tolist().index(rid)], ref, atol=1e-5, err_msg=f"{name} {rid}")
+            np.testing.assert_allclose(emb[ids.tolist().index(rid)], ref, atol=REFERENCE_ATOL, err_msg=f"{name} {rid}")
 
 
 def test_store_contents_and_broken_images(entries, tiny_weights, images, tmp_path, monkeypatch):
@@ -258,12 +265,12 @@ def test_shards_merge_into_the_unsharded_result(entries, tiny_weights, images, t
     s = _run(entries, tiny_weights, records, merged, THREE)
     assert s.complete and sum(s.computed.values()) == 0 and len(s.failures) == 3
     # each shard batches every third image: same descriptors up to float rounding of other batch shapes
-    _assert_same(_load(tmp_path / "ref", THREE), _load(merged, THREE), atol=1e-6)
+    _assert_same(_load(tmp_path / "ref", THREE), _load(merged, THREE), atol=ROUNDING_ATOL)
     # model by model in one call (group size 1: images decoded once per model). The groups after the first
     # skip the broken images, so their batches are composed differently: equal up to float rounding
     s = _run(entries, tiny_weights, records, tmp_path / "g1", THREE, group_size=1)
     assert s.complete and s.new_failures == 3
-    _assert_same(_load(tmp_path / "ref", THREE), _load(tmp_path / "g1", THREE), atol=1e-6)
+    _assert_same(_load(tmp_path / "ref", THREE), _load(tmp_path / "g1", THREE), atol=ROUNDING_ATOL)
     assert kstore.read_failures(merged, "test").keys() == BROKEN.keys()
 
 

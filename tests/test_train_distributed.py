@@ -66,3 +66,27 @@ def test_sharded_validation_on_two_ranks_equals_one_rank(tiny_weights, tmp_path)
     assert m1["n_val"] == m2["n_val"] == 17 and m1["n_queries"] == m2["n_queries"] > 0
     assert m1["gap"] == pytest.approx(m2["gap"], abs=1e-9), json.dumps([m1, m2])
     assert m1["map100"] == pytest.approx(m2["map100"], abs=1e-9), json.dumps([m1, m2])
+
+
+def test_one_process_under_torchrun_trains_through_the_process_group(tiny_weights, tmp_path):
+    """torchrun starts the process group for one process too (gloo here; tests/test_train_gpu.py: NCCL), so the
+    multi-GPU path (DDP, the NaN guard's all-reduce, the sharded validation, the barrier) runs on one device."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    make_views(data, views=3, view_size=40, seed=4)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+           "-m", "kernel.train", "-v", "fit", "--recipe", "effnet_b6_512", "--step", "1", "--data", str(data),
+           "--images", str(data), "--out", str(out), "--manifest", str(tiny_weights[1]), "--workers", "0",
+           "--val-fraction", "0.3", "--random-init", "--device", "cpu", "--set", "image_size=32",
+           "--set", "batch_size=4", "--set", "epochs=1", "--set", "stop_at=null"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "process group: gloo backend, rank 0 of 1 on cpu" in log, log[-3000:]
+    rec = torch.load(out / "step1" / "model.pth", map_location="cpu", weights_only=True)
+    assert rec["epoch"] == 1 and not any(k.startswith("module.") for k in rec["model"])

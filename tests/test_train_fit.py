@@ -278,3 +278,18 @@ def test_one_process_trains_the_plain_trainee(caplog):
     assert type(trainee) is fitmod.Trainee and trainee.net is net and not caplog.records
     emb, logits = trainee.eval()(torch.randn(2, 3, 32, 32))
     assert emb.shape == (2, 512) and logits.shape == (2, 5)
+
+
+@pytest.mark.parametrize("device, local, want", [(None, "1", "cuda:1"), ("cuda", "1", "cuda:1"),
+                                                 ("cuda:0", "1", "cuda:0"), ("cpu", "1", "cpu")])
+def test_a_cuda_device_without_index_is_the_ranks_own_gpu(device, local, want, monkeypatch):
+    # `fit --device cuda` on a GPU machine raised ValueError in torch.cuda.set_device (seen on an H200)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", local)
+    for var in ("WORLD_SIZE", "RANK", fitmod.TORCHRUN_ENV):
+        monkeypatch.delenv(var, raising=False)
+    env = fitmod.setup_distributed(device)
+    assert env.device == torch.device(want) and not env.distributed and env.world == 1
+    assert chosen == ([torch.device(want)] if want != "cpu" else [])

@@ -74,11 +74,9 @@ def setup_distributed(device: str | None = None, timeout_min: float = None) -> D
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = dev if dev.index is not None else torch.device("cuda", local)  # "cuda": this rank's own GPU
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":  # "cuda" without an index: this rank's own GPU (set_device refuses it)
+        dev = dev if dev.index is not None else torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if (world > 1 or TORCHRUN_ENV in os.environ) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
