@@ -4,10 +4,11 @@ What a run does, in order (every decision is logged with its numbers; :func:`pre
 
 1. Reads the competition folder (docs/kaggle.md#competition-folders) and writes a valid *fallback* submission at once (every test id,
    empty predictions), atomically: from here on a run killed at any moment leaves a valid file.
-2. Links the precomputed train / index / non-landmark descriptors of ``--store`` (and ``--index-store``)
-   into its working store, refusing descriptors whose ``meta.json`` names another checkpoint than the
-   manifest pins. What is not precomputed is extracted from the competition folder (train/, index/) or
-   ``--nonlandmark``.
+2. Uses the precomputed train / index / non-landmark descriptors of ``--store`` (and ``--index-store``) per
+   image (:mod:`kernel.references`): the images the competition has now and the store holds are used as
+   shipped (read in place), those it no longer has are left out, those it added are extracted here after the
+   test set; descriptors whose ``meta.json`` names another checkpoint than the manifest pins are refused. A split
+   nobody shipped is extracted from the competition folder (train/, index/) or ``--nonlandmark``.
 3. *Probe*: extracts the first test images with every model, measures each model's seconds per image and the
    per-image overhead on this machine, projects the whole run, and when the projection passes the deadline
    drops models in the manifest's ``priority`` order (highest number first), saying which and why.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,15 +30,12 @@ from kernel.budget import plan_models
 from kernel.errors import KernelError
 from kernel.labels import read_train_labels
 from kernel.predict_report import PredictReport, decide, log_path, write_log
+from kernel.references import (REFERENCE_SPLITS, _writable, extract_added, extract_references,  # noqa: F401
+                               reference_descriptors)
 
 log = logging.getLogger(__name__)
 
 HELP = "predict a submission for a competition folder within a deadline (the Kaggle notebook's main job)"
-
-# reference splits each track needs besides `test` (nonlandmark is optional: without it the
-# recognition post-processing degrades to plain k-NN voting)
-REFERENCE_SPLITS = {"recognition": ("train",), "retrieval": ("index", "train")}
-
 
 @dataclass
 class PredictOptions:
@@ -88,48 +85,6 @@ class PredictOptions:
         return dict(device=self.device, batch_size=self.batch_size, workers=self.workers, progress=self.progress)
 
 
-def _link_reference(src_store: Path, work: Path, entry: dict, split: str, report: PredictReport) -> bool:
-    """Make ``work/<model>/<split>.npz`` point at a precomputed one; True when it is there."""
-    name = entry["name"]
-    src = kstore.split_path(src_store, name, split)
-    if not src.is_file():
-        return False
-    meta_path = src_store / name / kstore.META
-    if meta_path.is_file():
-        meta = kstore.read_meta(src_store, name)
-        if entry.get("sha256") and meta.get("sha256") and meta["sha256"] != entry["sha256"]:
-            raise KernelError(
-                f"{meta_path}: descriptors of '{name}' were computed with checkpoint sha256 "
-                f"{meta['sha256'][:16]}..., the manifest pins {entry['sha256'][:16]}...: they do not belong together"
-            )
-        if meta.get("computed_with_sha256"):  # a converted checkpoint: remember which one computed them
-            work_meta = kstore.read_meta(work, name)
-            if work_meta.get("computed_with_sha256") != meta["computed_with_sha256"]:
-                kstore.write_meta(work, name, {**work_meta, "computed_with_sha256": meta["computed_with_sha256"]})
-    dst = kstore.split_path(work, name, split)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.is_symlink() or dst.exists():
-        if dst.resolve() == src.resolve():
-            return True
-        dst.unlink()
-    try:
-        os.symlink(src.resolve(), dst)
-    except OSError:  # file systems without symlinks: copy
-        import shutil
-
-        shutil.copyfile(src, dst)
-    decide(report, "%s: using precomputed %s descriptors from %s", name, split, src)
-    return True
-
-
-def _write_meta(work: Path, entry: dict) -> None:
-    from kernel.extract.resume import descriptor_dim
-
-    if not (work / entry["name"] / kstore.META).is_file():
-        meta = kstore.model_meta(entry, entry.get("sha256"), None, descriptor_dim(entry))
-        kstore.write_meta(work, entry["name"], meta)
-
-
 def _usable(work: Path, names: list[str], track: str) -> list[str]:
     need = ("test",) + REFERENCE_SPLITS[track]
     return [n for n in names if all(kstore.has_split(work, n, s) for s in need)]
@@ -171,12 +126,15 @@ def predict(opts: PredictOptions) -> PredictReport:
     test_ids = [r.id for r in test]
     write_fallback(opts.track, test_ids, Path(opts.out), report)
     train_labels, work = labels_and_work(opts, report)
-    records, missing = reference_descriptors(opts, entries, work, report)
+    records, missing, added = reference_descriptors(opts, entries, work, train_labels, report)
     measured = probe(opts, entries, test, work, report)
+    devices = len(extract_devices(opts.device))
     kept = plan_after_probe(measured, entries, {s: len(r) for s, r in records.items()}, missing,
-                            len(extract_devices(opts.device)), deadline - time.monotonic(), opts.reserve_s(), report)
+                            devices, deadline - time.monotonic(), opts.reserve_s(), report)
     extract_references(opts, kept, records, missing, work, stop_at, report)
-    final = extract_test_in_chunks(opts, kept, measured, test_ids, work, train_labels, stop_at, report)
+    after_test = (lambda: extract_added(opts, kept, added, work, seconds_per_image(measured, kept, devices),
+                                        stop_at, report)) if added else None
+    final = extract_test_in_chunks(opts, kept, measured, test_ids, work, train_labels, stop_at, report, after_test)
     finish(opts.track, Path(opts.out), test_ids, final, report)
     return report
 
@@ -213,8 +171,9 @@ def write_fallback(track: str, test_ids: list[str], out: Path, report: PredictRe
     decide(report, "fallback submission (%d rows, empty predictions) written to %s", len(test_ids), out)
 
 
-def labels_and_work(opts: PredictOptions, report: PredictReport) -> tuple[Path, Path]:
-    """The train labels, checked while only the fallback exists, and the working store, created."""
+def labels_and_work(opts: PredictOptions, report: PredictReport):
+    """The train labels (a Series id -> landmark id, read and checked once, while only the fallback exists) and
+    the working store, created."""
     train_labels = Path(opts.train_labels) if opts.train_labels else Path(opts.data) / "train.csv"
     if not train_labels.is_file():
         raise KernelError(f"{train_labels}: train labels (id,landmark_id) not found; pass --train-labels")
@@ -222,36 +181,14 @@ def labels_and_work(opts: PredictOptions, report: PredictReport) -> tuple[Path, 
     decide(report, "train labels %s: %d images, %d landmarks", train_labels, len(labels), labels.nunique())
     work = Path(opts.work) if opts.work else Path(opts.out).parent / f"{opts.track}_descriptors"
     work.mkdir(parents=True, exist_ok=True)
-    return train_labels, work
+    return labels, work
 
 
-def reference_descriptors(opts: PredictOptions, entries: list[dict], work: Path,
-                          report: PredictReport) -> tuple[dict, dict]:
-    """Step 2: link the precomputed reference splits into ``work``; returns what is left to extract here:
-    ``{split: records}``, ``{model: [split, ...]}``."""
-    from kernel.data.sources import folder_source, kaggle_split
-
-    records, missing = {}, {}
-    splits = list(REFERENCE_SPLITS[opts.track]) + (["nonlandmark"] if opts.track == "recognition" else [])
-    for e in entries:
-        _write_meta(work, e)
-        for split in splits:
-            src = opts.index_store if (split == "index" and opts.index_store) else opts.store
-            if src and _link_reference(Path(src), work, e, split, report):
-                continue
-            if kstore.has_split(work, e["name"], split):
-                continue
-            if split == "nonlandmark":
-                if opts.nonlandmark is None:
-                    continue
-                records.setdefault(split, folder_source(opts.nonlandmark))
-            else:
-                records.setdefault(split, _writable(kaggle_split(Path(opts.data), split), report))
-            missing.setdefault(e["name"], []).append(split)
-    if missing:
-        decide(report, "to extract here (not precomputed): %s",
-               "; ".join(f"{n}: {', '.join(s)}" for n, s in missing.items()))
-    return records, missing
+def seconds_per_image(measured: "Probe", kept: list[dict], devices: int) -> float:
+    """The kept models' probe seconds per image together, on ``devices`` devices (0 when not measured)."""
+    rates = [measured.model_seconds[e["name"]] / measured.computed[e["name"]]
+             for e in kept if measured.computed.get(e["name"])]
+    return sum(rates) / max(1, devices)
 
 
 @dataclass
@@ -314,18 +251,6 @@ def plan_after_probe(measured: Probe, entries: list[dict], references: dict, mis
     return [e for e in entries if e["name"] in plan.kept]
 
 
-def extract_references(opts: PredictOptions, kept: list[dict], records: dict, missing: dict, work: Path,
-                       stop_at: float, report: PredictReport) -> None:
-    """Step 3c: the reference splits the kept models lack, until ``stop_at`` (a ``time.monotonic()`` value)."""
-    from kernel.extract import extract
-
-    for split, split_records in records.items():
-        todo = [e for e in kept if split in missing.get(e["name"], [])]
-        if todo and time.monotonic() < stop_at:
-            s = extract(todo, opts.weights, split_records, split, work, deadline=stop_at, **opts.extract_kwargs())
-            decide(report, "%s", s.line())
-
-
 def chunk_ends(start: int, total: int, chunks: int, min_chunk: int) -> list[int]:
     """Where each test chunk ends: ``start`` (the probe's images, submitted first), then at most ``chunks``
     chunks of at least ``min_chunk`` images (one when fewer remain), the last ending at ``total``."""
@@ -363,15 +288,19 @@ def write_better(track: str, predictions: dict, test_ids: list[str], out: Path, 
 
 
 def extract_test_in_chunks(opts: PredictOptions, kept: list[dict], measured: Probe, test_ids: list[str],
-                           work: Path, train_labels: Path, stop_at: float, report: PredictReport) -> dict:
+                           work: Path, labels, stop_at: float, report: PredictReport, after_test=None) -> dict:
     """Step 4: the test images in chunks (:func:`chunk_ends`), a better submission after each, until
-    ``stop_at``. Returns the predictions of the last submission written (empty: the fallback stands)."""
-    reuse, labels = _reuse(opts, work), read_train_labels(train_labels)
+    ``stop_at``; ``after_test`` runs once the last chunk is extracted, before its post-processing (the
+    reference images the competition added: the test set comes first). Returns the predictions of the last
+    submission written (empty: the fallback stands)."""
+    reuse = _reuse(opts, work)
     names = [e["name"] for e in kept]
     final_predictions = {}
     for end in chunk_ends(measured.size, len(measured.test), opts.chunks, opts.min_chunk):
         if end > measured.size or end == len(measured.test):
             extract_test_chunk(opts, kept, measured, end, work, stop_at, report)
+        if end == len(measured.test) and after_test is not None:
+            after_test()
         usable = _usable(work, names, opts.track)
         if not usable:
             decide(report, "no model has all of test + %s yet: keeping the fallback submission",
@@ -393,22 +322,6 @@ def finish(track: str, out: Path, test_ids: list[str], predictions: dict, report
     report.predicted = _count_predicted(predictions)
     report.finished = True
     write_log(report)
-
-
-def _writable(records: list, report: PredictReport) -> list:
-    """Records whose id a submission CSV can hold unchanged; the others are logged as failures."""
-    from kernel.labels import id_problem
-
-    keep = []
-    for r in records:
-        problem = id_problem(r.id)
-        if problem:
-            shown = r.id.encode("utf-8", "backslashreplace").decode()
-            report.failures[shown] = f"id {problem}"
-            log.warning("%s: skipped: id %r %s", r.path.encode("utf-8", "backslashreplace").decode(), shown, problem)
-        else:
-            keep.append(r)
-    return keep
 
 
 def add_arguments(p) -> None:

@@ -23,6 +23,7 @@ class PredictReport:
     submissions: int = 0  # submissions written (fallback included)
     predicted: int = 0  # test ids with a non-empty prediction in the final file
     failures: dict = field(default_factory=dict)
+    coverage: dict = field(default_factory=dict)  # split -> model -> shipped/present/used/added/gone/extracted
     seconds: float = 0.0
     finished: bool = False  # False in the log of a run that was interrupted or failed
     started: float = field(default_factory=time.monotonic, repr=False)
@@ -42,7 +43,7 @@ def log_path(out) -> Path:
 
 def write_log(report: PredictReport) -> None:
     """The report so far, atomically: an interrupted run leaves the decisions it made (``finished`` false)."""
-    from kernel.store import atomic_write
+    from kernel.files import atomic_write
 
     report.seconds = time.monotonic() - report.started
     data = json.dumps({k: v for k, v in report.__dict__.items() if k != "started"}, indent=2, default=str)

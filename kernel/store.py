@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,43 +29,14 @@ import numpy as np
 
 from kernel.descriptor_checks import check_descriptors
 from kernel.errors import KernelError
+from kernel.files import NEW_FILE_MODE, atomic_write  # noqa: F401  (the store's writes; re-exported)
+from kernel.views import read_view, view_path
 
 log = logging.getLogger(__name__)
 
 META = "meta.json"
 FAILURES_DIR = "failures"
 PART_RANGE = 1_000_000  # part numbers of shard i are i*PART_RANGE + k (shards never collide)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: done once, at import, then restored
-    os.umask(mask)
-    return mask
-
-
-#: mode of a new file, as ``open()`` would create it (``mkstemp`` alone would leave 0600)
-NEW_FILE_MODE = 0o666 & ~_umask()
-
-
-def atomic_write(path: Path, write, check=None) -> None:
-    """Call ``write(fh)`` on a temporary file next to ``path``, fsync it, give it the mode of any new file,
-    run ``check(tmp_path)`` when given, then rename it over ``path``. A candidate whose check raises never
-    replaces the previous file, and a crash leaves the previous file or none."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, NEW_FILE_MODE)
-        if check is not None:
-            check(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def split_path(store: str | Path, model: str, split: str) -> Path:
@@ -170,9 +140,13 @@ def load_split(
     unique, the embeddings are not 2-d (or not ``dim`` wide), the counts disagree, or a row is NaN/inf.
     """
     path = split_path(store, model, split)
-    if not path.is_file():
+    view = read_view(store, model, split)
+    if view is not None:
+        ids, emb, path = *_read_view(view), view.path
+    elif not path.is_file():
         raise KernelError(f"{path}: missing split '{split}' for model '{model}'")
-    ids, emb = _read_npz(path)
+    else:
+        ids, emb = _read_npz(path)
     if emb.ndim != 2:
         raise KernelError(f"{path}: embeddings must be 2-d (N x D), got shape {emb.shape}")
     if ids.ndim != 1 or len(ids) != emb.shape[0]:
@@ -185,8 +159,24 @@ def load_split(
     return ids, emb.astype(dtype, copy=False)
 
 
+def _read_view(view) -> tuple[np.ndarray, np.ndarray]:
+    """A view's ids and rows in memory (small splits: the in-memory search path): each source without its
+    left-out ids, in order."""
+    ids, embs = [], []
+    for path, exclude in view.sources():
+        i, e = _read_npz(path)
+        keep = ~np.isin(i, np.asarray(sorted(exclude), dtype=str)) if exclude else slice(None)
+        ids.append(i[keep])
+        embs.append(e[keep])
+    widths = {e.shape[1] for e in embs if e.ndim == 2}
+    if len(widths) > 1:
+        raise KernelError(f"{view.path}: its descriptor files differ in width ({sorted(widths)})")
+    return np.concatenate(ids), np.concatenate(embs)
+
+
 def has_split(store: str | Path, model: str, split: str) -> bool:
-    return split_path(store, model, split).is_file()
+    """A complete split: its descriptor file, or a view of shipped descriptors (:mod:`kernel.views`)."""
+    return split_path(store, model, split).is_file() or view_path(store, model, split).is_file()
 
 
 def model_meta(entry: dict, sha256: str | None, dtype: str | None, dim: int) -> dict:
@@ -293,7 +283,7 @@ def stored_ids(store: str | Path, model: str, split: str) -> set[str]:
             done.update(read_ids(p).tolist())
         except KernelError as exc:
             log.warning("%s (its descriptors will be computed again)", exc)
-    if has_split(store, model, split):
+    if split_path(store, model, split).is_file():
         done.update(read_ids(split_path(store, model, split)).tolist())
     return done
 
@@ -311,7 +301,7 @@ def merge_parts(store: str | Path, model: str, split: str, dtype) -> Path:
     the stored descriptors are read in ``dtype``."""
     for tmp in parts_dir(store, model, split).glob(".part-*.tmp"):  # a write killed half-way
         tmp.unlink()
-    if has_split(store, model, split):
+    if split_path(store, model, split).is_file():  # a view is not merged into: it stays a view
         ids, emb = load_split(store, model, split, dtype=dtype)
         write_part(store, model, split, next_part(store, model, split, PART_RANGE * 999), ids, emb)
     return consolidate(store, model, split, order=sorted(stored_ids(store, model, split)))

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from kernel.errors import KernelError
-from kernel.store import atomic_write
+from kernel.files import atomic_write
 from kernel.labels import first_bad_id, landmark_id_problem
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def format_prediction(track: str, prediction) -> str:
 
 
 def replace_checked(path: Path, data: bytes, check) -> None:
-    """Write ``data`` atomically to ``path`` (:func:`kernel.store.atomic_write`), running ``check(tmp_path)``
+    """Write ``data`` atomically to ``path`` (:func:`kernel.files.atomic_write`), running ``check(tmp_path)``
     on the candidate first: one that fails its check never replaces the previous file."""
 
     def checked(tmp: Path) -> None:

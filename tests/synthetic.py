@@ -31,7 +31,7 @@ import numpy as np
 
 from kernel import store
 from kernel.models.manifest import ENSEMBLE
-from kernel.store import atomic_write
+from kernel.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -104,25 +104,62 @@ def test_labels_and_work_default_beside_the_data_and_the_submission(competition,
     out = tmp_path / "s.csv"
     report = _report(out)
     labels, work = kp.labels_and_work(_opts(competition, tiny_weights, out), report)
-    assert labels == competition.recognition / "train.csv"
+    csv = pd.read_csv(competition.recognition / "train.csv", dtype=str)
+    assert isinstance(labels, pd.Series) and sorted(labels.index) == sorted(csv["id"])
     assert work == tmp_path / "recognition_descriptors" and work.is_dir()
-    assert report.decisions[0].startswith(f"train labels {labels}: ")
+    assert report.decisions[0].startswith(f"train labels {competition.recognition / 'train.csv'}: ")
 
 
 # ------------------------------------------------------------------------------ 2. reference descriptors
 
+def _train_ids(competition) -> list[str]:
+    return sorted(pd.read_csv(competition.recognition / "train.csv", dtype=str)["id"])
+
+
 def test_reference_descriptors_link_what_is_precomputed_and_list_the_rest(competition, tiny_weights, tmp_path):
     store, work = tmp_path / "store", tmp_path / "work"
-    kstore.save_split(store, B6, "train", ["t1"], np.eye(1, 512, dtype=np.float32))
+    ids = _train_ids(competition)
+    kstore.save_split(store, B6, "train", ids, np.eye(len(ids), 512, dtype=np.float32))
     report = _report(tmp_path / "s.csv")
-    records, missing = kp.reference_descriptors(_opts(competition, tiny_weights, tmp_path / "s.csv", store=store),
-                                                _entries(tiny_weights), work, report)
+    opts = _opts(competition, tiny_weights, tmp_path / "s.csv", store=store)
+    labels, _ = kp.labels_and_work(opts, report)
+    records, missing, added = kp.reference_descriptors(opts, _entries(tiny_weights), work, labels, report)
+    # the competition has exactly the shipped images: linked as shipped, nothing to add
     assert kstore.split_path(work, B6, "train").resolve() == kstore.split_path(store, B6, "train").resolve()
+    assert added == {} and report.coverage["train"][B6] == {"shipped": len(ids), "present": len(ids),
+                                                             "used": len(ids), "added": 0, "gone": 0, "extracted": 0}
     assert missing == {B5: ["train"]}  # no non-landmark split without a folder of them
-    assert sorted(r.id for r in records["train"]) == sorted(pd.read_csv(competition.recognition / "train.csv",
-                                                                        dtype=str)["id"])
+    assert sorted(r.id for r in records["train"]) == ids
     assert report.decisions[-1] == f"to extract here (not precomputed): {B5}: train"
     assert all((work / n / kstore.META).is_file() for n in (B5, B6))
+
+
+def test_a_shipped_split_is_used_per_image(competition, tiny_weights, tmp_path):
+    # the rerun's folder: two shipped images are gone, two images were added (nobody shipped them)
+    from kernel.views import read_view
+
+    store, work = tmp_path / "store", tmp_path / "work"
+    ids = _train_ids(competition)
+    shipped = ids[2:] + ["gone1", "gone2"]
+    kstore.save_split(store, B6, "train", shipped, np.eye(len(shipped), 512, dtype=np.float32))
+    report = _report(tmp_path / "s.csv")
+    opts = _opts(competition, tiny_weights, tmp_path / "s.csv", store=store, models=B6)
+    labels, _ = kp.labels_and_work(opts, report)
+    records, missing, added = kp.reference_descriptors(opts, _entries(tiny_weights, B6), work, labels, report)
+    assert records == {} and missing == {}
+    assert sorted(r.id for r in added["train"][B6]) == ids[:2]
+    view = read_view(work, B6, "train")
+    assert view.base == kstore.split_path(store, B6, "train").resolve() and view.exclude == {"gone1", "gone2"}
+    assert not kstore.split_path(work, B6, "train").exists()  # nothing copied, no link: the view reads in place
+    got, emb = kstore.load_split(work, B6, "train")
+    assert got.tolist() == ids[2:] and emb.shape == (len(ids) - 2, 512)
+    assert report.coverage["train"][B6] == {"shipped": len(shipped), "present": len(ids), "used": len(ids) - 2,
+                                            "added": 2, "gone": 2, "extracted": 0}
+    # after the test set: the added images are extracted and the view takes them
+    assert kp.extract_added(opts, _entries(tiny_weights, B6), added, work, 0.0, float("inf"), report)
+    got, emb = kstore.load_split(work, B6, "train")
+    assert sorted(got.tolist()) == ids and kstore.has_split(work, B6, "train_added")
+    assert report.coverage["train"][B6]["extracted"] == 2
 
 
 # ------------------------------------------------------------------------------------- 3. probe and plan
@@ -224,9 +261,10 @@ def test_the_train_labels_are_read_once_for_every_chunk(competition, tiny_weight
     monkeypatch.setattr(kp, "write_better", lambda *a, **k: None)
     opts = _opts(competition, tiny_weights, tmp_path / "s.csv", chunks=3, min_chunk=1)
     measured = Probe(test=[SimpleNamespace(id=f"t{i}") for i in range(7)], size=1, resumed=0)
+    labels, _ = kp.labels_and_work(opts, _report(tmp_path / "s.csv"))  # the run's one read
     kp.extract_test_in_chunks(opts, _entries(tiny_weights), measured, [f"t{i}" for i in range(7)], tmp_path / "w",
-                              competition.recognition / "train.csv", float("inf"), _report(tmp_path / "s.csv"))
-    assert len(seen) == 4 and all(labels is seen[0] for labels in seen) and len(reads) == 1
+                              labels, float("inf"), _report(tmp_path / "s.csv"))
+    assert len(seen) == 4 and all(x is labels for x in seen) and len(reads) == 1
     assert isinstance(seen[0], pd.Series) and len(seen[0]) > 0
 
 

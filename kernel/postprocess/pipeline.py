@@ -23,7 +23,8 @@ from kernel.postprocess import reference as ref
 from kernel.postprocess import recognition as rec
 from kernel.postprocess import retrieval as ret
 from kernel.postprocess.knn import knn_labels
-from kernel.rows import EnsembleRows, SplitRows
+from kernel.rows import EnsembleRows, Rows, open_split
+from kernel.views import view_path
 
 logger = logging.getLogger(__name__)
 
@@ -102,13 +103,15 @@ class ModelSplits:
         self.dim = emb.shape[1]
         return ids, emb
 
-    def rows(self, split: str) -> SplitRows:
-        r = SplitRows(self.path(split), dim=self.dim)
+    def rows(self, split: str) -> Rows:
+        r = open_split(self.store, self.name, split, dim=self.dim)
         self.dim = r.dim
         return r
 
     def path(self, split: str) -> Path:
-        return store.split_path(self.store, self.name, split)
+        """The split's descriptor file, or its view (:mod:`kernel.views`) when it has one."""
+        view = view_path(self.store, self.name, split)
+        return view if view.is_file() else store.split_path(self.store, self.name, split)
 
 
 def require_splits(splits: list[ModelSplits], names: tuple[str, ...]) -> None:

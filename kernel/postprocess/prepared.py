@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from kernel import store
+from kernel.files import atomic_write
 from kernel.errors import KernelError
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,24 @@ def model_fingerprint(meta: dict, store_dir, splits: tuple[str, ...]) -> dict:
     return {
         "name": meta["name"], "sha256": meta.get("computed_with_sha256", meta.get("sha256")),
         "family": str(meta.get("family")),
-        "splits": {s: split_fingerprint(store.split_path(store_dir, meta["name"], s)) for s in splits},
+        "splits": {s: stored_split_fingerprint(store_dir, meta["name"], s) for s in splits},
     }
+
+
+def stored_split_fingerprint(store_dir, model: str, split: str) -> dict:
+    """:func:`split_fingerprint` of a store's split, or of the rows of its view (:mod:`kernel.views`): a view
+    that leaves nothing out and adds nothing fingerprints as its shipped file, so shipped artefacts still
+    match; any other view differs in its count and ids, and what depends on it is recomputed."""
+    from kernel.views import read_view
+
+    view = read_view(store_dir, model, split)
+    if view is None:
+        return split_fingerprint(store.split_path(store_dir, model, split))
+    parts = [(split_fingerprint(p), store.read_ids(p), exclude) for p, exclude in view.sources()]
+    ids = np.concatenate([i[~np.isin(i, np.asarray(sorted(x), dtype=str))] if x else i for _, i, x in parts])
+    dtypes = {fp["dtype"] for fp, _, _ in parts}
+    return {"n": len(ids), "dim": parts[0][0]["dim"], "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed",
+            "ids": ids_digest(ids)}
 
 
 def labels_digest(labels: pd.Series) -> str:
@@ -141,7 +158,7 @@ def write(path: Path, fp: dict, ids, dim: int | None = None, dtype=np.float32, b
     extra["fingerprint"] = np.asarray(json.dumps(fp, sort_keys=True))
     if blocks is None:
         ids_arr = np.asarray([str(i) for i in ids], dtype=str)
-        store.atomic_write(path, lambda fh: np.savez(fh, ids=ids_arr, **extra))
+        atomic_write(path, lambda fh: np.savez(fh, ids=ids_arr, **extra))
     else:
         store.save_npz_streamed(path, ids, dim, dtype, blocks, **extra)
     logger.info("wrote prepared %s", path)

@@ -133,7 +133,7 @@ def knn_fingerprint(kind: str, splits, p: dict, labels_fp: Callable[[], str | No
     return lazy(compute)
 
 
-def aligned_rows(splits, split: str) -> list[SplitRows]:
+def aligned_rows(splits, split: str) -> list:
     """Every model's ``split`` as rows in the order of the first model's ids (the id sets must agree)."""
     first = splits[0].rows(split)
     return [first] + [ms.rows(split).aligned_to(first.ids, str(first.path)) for ms in splits[1:]]

@@ -22,7 +22,7 @@ from torch import nn
 
 from kernel.errors import KernelError
 from kernel.models.swin_layout import is_derived_buffer, new_to_old, old_to_new
-from kernel.store import atomic_write
+from kernel.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def from_original(state_dict: dict, family: str) -> dict:
 
 
 def atomic_save(obj, path: str | Path) -> Path:
-    """``torch.save`` that never leaves a half-written file (see :func:`kernel.store.atomic_write`)."""
+    """``torch.save`` that never leaves a half-written file (see :func:`kernel.files.atomic_write`)."""
     path = Path(path)
     atomic_write(path, lambda fh: torch.save(obj, fh))
     return path
