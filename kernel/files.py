@@ -2,9 +2,13 @@
 stores, submissions, run logs, split views, prepared artefacts and training checkpoints use."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
+
+from kernel.errors import KernelError
 
 
 def _umask() -> int:
@@ -22,8 +26,11 @@ def atomic_write(path: Path, write, check=None) -> None:
     run ``check(tmp_path)`` when given, then rename it over ``path``. A candidate whose check raises never
     replaces the previous file, and a crash leaves the previous file or none."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _no_space(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -33,6 +40,38 @@ def atomic_write(path: Path, write, check=None) -> None:
         if check is not None:
             check(Path(tmp))
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _no_space(exc, path) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class NoSpaceError(KernelError):
+    """A write failed because the device is full (its message names the folder and the free bytes)."""
+
+
+def free_bytes(folder) -> int | None:
+    """Free bytes on the file system of ``folder`` (its nearest existing ancestor); None when unknown."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _no_space(exc: OSError, path: Path) -> OSError | NoSpaceError:
+    """A full disk as one line naming the folder and its free bytes (the previous file, if any, is kept);
+    any other error as it was."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return exc
+    return NoSpaceError(f"{path.parent}: no space left on the device ({free_bytes(path.parent)} bytes free) while "
+                       f"writing {path.name}; the previous {path.name}, if any, is unchanged")
+
+
+def has_room(folder, needed: int, margin: float = 1.25) -> bool:
+    """Whether ``folder`` has ``needed`` bytes (times ``margin``) free; True when the free space is unknown."""
+    free = free_bytes(folder)
+    return free is None or free >= needed * margin

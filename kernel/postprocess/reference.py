@@ -22,6 +22,7 @@ import pandas as pd
 from kernel.errors import KernelError
 from kernel.postprocess import prepared
 from kernel.postprocess import recognition as rec
+from kernel.files import NoSpaceError, free_bytes, has_room
 from kernel.rows import FamilyRows, SplitRows
 
 logger = logging.getLogger(__name__)
@@ -87,9 +88,18 @@ class Reuse:
 
     def save(self, name: str, fp: Fingerprint, ids, **arrays) -> None:
         """Write an artefact to the cache (``fp`` evaluated then); nothing without a cache."""
-        if self.cache is not None:
+        if self.cache is None:
+            return
+        needed = sum(np.asarray(a).nbytes for a in arrays.values()) + 64 * len(ids)
+        if not has_room(self.cache, needed):
+            logger.warning("%s: %d bytes free, %s needs about %d: not cached (computed again when needed)",
+                           self.cache, free_bytes(self.cache), name, needed)
+            return
+        try:
             self.cache.mkdir(parents=True, exist_ok=True)
             prepared.write(self.cache / name, fp(), ids, **arrays)
+        except NoSpaceError as exc:  # a cache is worth less than the run: keep going
+            logger.warning("%s (not cached: computed again when needed)", exc)
 
 
 def pass_bytes(memory_gb: float | None) -> int | None:
