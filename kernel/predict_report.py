@@ -43,13 +43,13 @@ def log_path(out) -> Path:
 
 def write_log(report: PredictReport) -> None:
     """The report so far, atomically: an interrupted run leaves the decisions it made (``finished`` false)."""
-    from kernel.files import atomic_write
+    from kernel.files import NoSpaceError, atomic_write
 
     report.seconds = time.monotonic() - report.started
     data = json.dumps({k: v for k, v in report.__dict__.items() if k != "started"}, indent=2, default=str)
     try:
         atomic_write(log_path(report.out), lambda fh: fh.write(data.encode()))
-    except OSError as exc:  # the log never costs the submission
+    except (OSError, NoSpaceError) as exc:  # the log never costs the submission
         log.warning("%s: cannot write the run log (%s)", log_path(report.out), exc)
 
 
