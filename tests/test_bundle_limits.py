@@ -1,4 +1,5 @@
-"""Kaggle's dataset limits in the bundle builder (``kernel/bundle/limits.py``).
+"""Kaggle's dataset limits in the bundle builder (``kernel/bundle/limits.py``), and the warning of a recognition
+build without train labels.
 
 Builds are tiny (one model of the tiny demo preset, its checkpoint copied unchanged, a stand-in wheel made here:
 no network), and the limits are made small with monkeypatch rather than writing gigabytes.
@@ -6,6 +7,7 @@ no network), and the limits are made small with monkeypatch rather than writing 
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from pathlib import Path
 
@@ -14,6 +16,9 @@ import pytest
 from kernel.bundle import limits, ship
 from kernel.bundle.build import BundleOptions, build_bundle
 from kernel.errors import KernelError
+
+LABELS_WARNING = "recognition track without --train-labels"
+
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
@@ -147,3 +152,25 @@ def test_the_command_line_ends_in_one_error_line_with_exit_code_2(tiny_weights, 
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "Traceback" not in "\n".join(err) and not out.exists()
     assert err[-1].startswith("error: the dataset would upload ") and "Kaggle takes at most 10 per dataset" in err[-1]
+
+
+# ------------------------------------------------------------------------------------------ train labels
+
+def test_recognition_without_train_labels_warns_what_happens_on_kaggle(built, tmp_path, caplog):
+    from kernel.bundle.checks import check_labels_for
+
+    warnings = []
+    with caplog.at_level(logging.WARNING, logger="kernel.bundle.checks"):
+        assert check_labels_for(["recognition"], None, warnings) == 0
+    [record] = [r for r in caplog.records if LABELS_WARNING in r.getMessage()]
+    assert record.levelno == logging.WARNING and warnings == [record.getMessage()]
+    assert "/kaggle/input/landmark-recognition-2021/train.csv at run time" in record.getMessage()
+    assert any(LABELS_WARNING in w for w in built[1]["warnings"])  # and the build's report lists it
+    caplog.clear()
+    labels = tmp_path / "train.csv"
+    labels.write_text("id,landmark_id\nabc,1\n")
+    with caplog.at_level(logging.WARNING, logger="kernel.bundle.checks"):
+        assert check_labels_for(["recognition"], labels, warnings) == 1
+    assert not [r for r in caplog.records if LABELS_WARNING in r.getMessage()] and len(warnings) == 1
+    with pytest.raises(KernelError, match="pass --train-labels"):
+        check_labels_for(["recognition", "retrieval"], None, warnings)

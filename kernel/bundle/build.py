@@ -173,7 +173,7 @@ def check_inputs(opts: BundleOptions) -> CheckedInputs:
     warnings: list[str] = notebook.check_accelerator(opts.accelerator)
     manifest = resolve_manifest(opts.weights, opts.manifest)
     entries = select_models(load_manifest(manifest), opts.models, opts.tracks, manifest)
-    labels_rows = check_labels_for(opts.tracks, opts.train_labels)
+    labels_rows = check_labels_for(opts.tracks, opts.train_labels, warnings)
     plans = check_checkpoints(entries, opts.weights, opts.fp16 or opts.strip_heads, opts.check_images,
                               opts.progress)
     store_items = check_stores(opts.store, opts.index_store, opts.tracks, plans, warnings)
