@@ -6,7 +6,7 @@ byte, see :func:`kernel.bundle.ship.least_upload`), and on the staged folder bef
 Either way an upload over a limit raises :class:`KernelError`: one line naming the count, the limit and what
 to ship less of.
 
-Sources (read 2026-05):
+Sources (read 2026-12):
 
 - the file limit: Kaggle's answer to an upload of more files, "Dataset version creation error: The file count
   exceeds the maximum of 1000", quoted in github.com/whirlwide/candlestick_retriever issue #15 (2020-09-06);
