@@ -9,6 +9,7 @@ Modules, one idea each:
 - :mod:`kernel.bundle.convert`: head stripping / fp16 conversion of checkpoints, checked on real descriptors;
 - :mod:`kernel.bundle.wheels`: the wheels for an offline ``pip install --no-index`` (cache or ``pip download``);
 - :mod:`kernel.bundle.notebook`: the notebook's plain-Python cells and ``kernel-metadata.json``;
+- :mod:`kernel.bundle.limits`: Kaggle's limits on one dataset (files, bytes) and the count of what it uploads;
 - :mod:`kernel.bundle.report`: the size and content report.
 
 Also available as ``python -m kernel bundle`` (same arguments as ``build_kernel.py``).

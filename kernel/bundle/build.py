@@ -6,12 +6,14 @@ The options are one :class:`BundleOptions`; :func:`build_bundle` runs the phases
    then :func:`check_inputs`, the checks in :mod:`kernel.bundle.checks`): the manifest and the model selection (unknown model names, models outside the track), every
    checkpoint (present, sha256 as pinned, loads strictly into its manifest entry), the descriptor stores
    (complete splits, ``meta.json`` naming the same checkpoint), the train labels, the wheels, the output
-   folder. Any problem raises :class:`KernelError` naming it.
+   folder, and Kaggle's dataset limits on what is copied unchanged (:mod:`kernel.bundle.limits`). Any problem
+   raises :class:`KernelError` naming it.
 2. *Stage* the dataset and notebook(s) in a temporary folder next to ``out`` (:func:`stage`, the writers in
    :mod:`kernel.bundle.ship`): package source, checkpoints (copied byte for byte, or converted and checked on
    real descriptors, see :mod:`kernel.bundle.convert`), manifest with every sha256 filled in, stores, labels,
    wheels, ``BUILD.json`` (the file list the notebook verifies), ``dataset-metadata.json``, the notebook with
-   its ``kernel-metadata.json``, the report.
+   its ``kernel-metadata.json``, the report. The staged dataset is checked against Kaggle's limits (file
+   count and bytes of what ``kaggle datasets create`` uploads) before it is published.
 3. *Publish* (:func:`publish`): the staging folder replaces ``out`` in one rename (a previous build there is
    removed). A crash or an error before that leaves ``out`` as it was.
 
@@ -36,7 +38,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernel.bundle import convert, notebook, report as kreport, ship, wheels as kwheels
+from kernel.bundle import convert, limits, notebook, report as kreport, ship, wheels as kwheels
 from kernel.bundle.checks import (REPO_ROOT, ModelPlan, check_checkpoints, check_labels_for, check_out,
                                   check_stores, resolve_manifest, select_models)
 from kernel.errors import KernelError
@@ -171,12 +173,15 @@ def check_inputs(opts: BundleOptions) -> CheckedInputs:
     warnings: list[str] = notebook.check_accelerator(opts.accelerator)
     manifest = resolve_manifest(opts.weights, opts.manifest)
     entries = select_models(load_manifest(manifest), opts.models, opts.tracks, manifest)
-    labels_rows = check_labels_for(opts.tracks, opts.train_labels)
+    labels_rows = check_labels_for(opts.tracks, opts.train_labels, warnings)
     plans = check_checkpoints(entries, opts.weights, opts.fp16 or opts.strip_heads, opts.check_images,
                               opts.progress)
     store_items = check_stores(opts.store, opts.index_store, opts.tracks, plans, warnings)
     wheels = kwheels.resolve(opts.wheel_requirements or kwheels.default_requirements(), opts.wheel_dirs,
                              opts.allow_download)
+    # Kaggle's dataset limits, on what is known before writing (the staged folder is checked again, exactly)
+    limits.check_upload(ship.least_upload(plans, store_items, opts.train_labels, wheels,
+                                          copies_checkpoints=not (opts.fp16 or opts.strip_heads)), at_least=True)
     return CheckedInputs(manifest, plans, store_items, labels_rows, wheels, warnings)
 
 
@@ -251,6 +256,10 @@ def stage(opts: BundleOptions, checked: CheckedInputs, staging: Path) -> dict:
         shutil.copyfile(opts.train_labels, dataset / "train.csv")
     wheel_rows = ship.ship_wheels(checked.wheels, dataset / "wheels")
     build = write_dataset_metadata(dataset, opts, checked.plans, rows)
+    upload = limits.upload_of(dataset)  # what `kaggle datasets create` sends, BUILD.json included
+    limits.check_upload(upload)
+    log.info("dataset upload: %d files, %d bytes (Kaggle's limits: %d files, %d bytes)", upload.files, upload.bytes,
+             limits.MAX_DATASET_FILES, limits.MAX_DATASET_BYTES)
     nb_rows = write_notebooks(staging, opts, build["build_id"], rows, checked.plans, checked.store_items.keys())
     if checked.labels_rows:
         log.info("train labels: %d rows", checked.labels_rows)
@@ -263,7 +272,8 @@ def stage(opts: BundleOptions, checked: CheckedInputs, staging: Path) -> dict:
         "tracks": opts.tracks, "models": build["models"], "manifest": str(checked.manifest),
         "options": opts.report_options(), "checkpoints": rows, "stores": store_rows,
         "train_labels_rows": checked.labels_rows, "wheels": wheel_rows, "notebooks": nb_rows, "files": files,
-        "totals": kreport.totals(files), "total_size": sum(v["size"] for v in files.values()), "warnings": warnings,
+        "totals": kreport.totals(files), "total_size": sum(v["size"] for v in files.values()),
+        "upload": upload.summary(), "warnings": warnings,
     }
     kreport.write(staging, report)
     return report

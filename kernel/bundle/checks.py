@@ -12,6 +12,7 @@ from pathlib import Path
 import kernel
 from kernel import store as kstore
 from kernel.bundle import convert, report as kreport
+from kernel.bundle.notebook import COMPETITIONS
 from kernel.errors import KernelError
 from kernel.postprocess import prepared
 from kernel.rows import SplitRows
@@ -181,12 +182,23 @@ def check_train_labels(path: Path) -> int:
     return rows
 
 
-def check_labels_for(tracks: list[str], train_labels) -> int:
-    """The retrieval track needs train labels (its competition has no ``train.csv``); rows of those given."""
+def check_labels_for(tracks: list[str], train_labels, warnings: list[str] | None = None) -> int:
+    """The retrieval track needs train labels (its competition has no ``train.csv``); rows of those given.
+    A recognition build without them is logged as a warning (appended to ``warnings``): the notebook then
+    relies on the competition's ``train.csv`` at run time."""
     if "retrieval" in tracks and train_labels is None:
         raise KernelError("the retrieval competition has no train.csv: pass --train-labels (id,landmark_id of "
                           "the train images the descriptors were computed on) so the dataset ships one")
-    return check_train_labels(train_labels) if train_labels is not None else 0
+    if train_labels is None:
+        text = (f"recognition track without --train-labels: the dataset ships no train.csv, so on Kaggle the notebook "
+                f"relies on the competition's own /kaggle/input/{COMPETITIONS['recognition']}/train.csv at run time, "
+                "and every shipped train descriptor needs its id there; pass --train-labels to ship the "
+                "labels the descriptors were computed with")
+        log.warning(text)
+        if warnings is not None:
+            warnings.append(text)
+        return 0
+    return check_train_labels(train_labels)
 
 
 #: what a build writes into ``--out`` (see kernel.bundle.build): all that a rebuild may replace

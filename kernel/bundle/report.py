@@ -63,6 +63,10 @@ def render(report: dict, full: bool = True) -> str:
     lines = [f"build {report['build_id']}  ({report['created']}, kernel source {report['git']})",
              f"dataset {report['dataset']}  id {report['dataset_id']}  "
              f"{human(report['total_size'])} in {len(report['files'])} files"]
+    if "upload" in report:
+        u = report["upload"]
+        lines.append(f"  upload with BUILD.json: {u['files']:,} files, {human(u['bytes'])} (Kaggle's limits per "
+                     f"dataset: {u['max_files']:,} files, {human(u['max_bytes'])})")
     for c, t in report["totals"].items():
         lines.append(f"  {c:<18} {t['files']:>5} files  {human(t['size']):>10}")
     lines.append("checkpoints (shipped size, sha256, what was done):")

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kernel import store as kstore
-from kernel.bundle import convert, report as kreport
+from kernel.bundle import convert, limits, report as kreport
 from kernel.bundle.checks import PACKAGE_DIR, ModelPlan, prepared_files
 from kernel.errors import KernelError
 from kernel.postprocess import prepared
@@ -194,3 +194,25 @@ def ship_wheels(wheels: list, folder: Path) -> list[dict]:
                      "size": dst.stat().st_size, "sha256": kreport.hash_file(dst), "pure": w.pure})
     (folder / "requirements.txt").write_text("".join(f"{w.name}=={w.version}\n" for w in wheels))
     return rows
+
+
+# ------------------------------------------------------------------------------------------ before writing
+
+def least_upload(plans: list[ModelPlan], store_items: dict, train_labels: Path | None, wheels: list,
+                 copies_checkpoints: bool) -> limits.Upload:
+    """A lower bound of what the writers above put into the dataset, from the checked inputs alone: the files
+    copied byte for byte (package, store splits and prepared artefacts, train labels, wheels) and one file per
+    checkpoint, with its bytes only when it is copied unchanged (``copies_checkpoints``)."""
+    sizes = {f"kernel/{rel}": (PACKAGE_DIR / rel).stat().st_size for rel in package_files()}
+    for plan in plans:
+        sizes[f"weights/{plan.entry['checkpoint']}"] = plan.source_size if copies_checkpoints else 0
+    for kind, (src, items) in store_items.items():
+        for name, _split, path, *_ in items:
+            sizes[f"{kind}/{name}/{path.name}"] = path.stat().st_size
+        for p in prepared_files(src):
+            sizes[f"{kind}/{prepared.PREPARED}/{p.name}"] = p.stat().st_size
+    if train_labels is not None:
+        sizes["train.csv"] = Path(train_labels).stat().st_size
+    for w in wheels:
+        sizes[f"wheels/{w.path.name}"] = w.path.stat().st_size
+    return limits.Upload(sizes)
