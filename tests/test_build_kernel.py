@@ -244,6 +244,34 @@ def test_retrieval_notebook_runs_offline(built, competition, tmp_path):
     assert answered and all(set(a) <= index_ids and len(a) <= 100 for a in answered)
 
 
+def _saved_output(working: Path) -> set[str]:
+    """What a run left under the notebook's saved output folder, the installed wheels (pylib/) aside."""
+    return {str(p.relative_to(working)) for p in working.rglob("*")
+            if p.is_file() and p.relative_to(working).parts[0] != "pylib"}
+
+
+@slow
+def test_recognition_notebook_on_the_scored_rerun(built, competition, tmp_path):
+    # the rerun's train folder gained a new landmark (its images never shipped) and lost shipped ids; its test
+    # set is three times the public one plus copies of the new landmark's train images
+    from kernel.rerun import make_rerun
+
+    out, _ = built
+    info = make_rerun(competition.recognition, tmp_path / "rerun", "recognition", test_factor=3, seed=3)
+    root = fake_kaggle(tmp_path / "kaggle", out / "dataset", {"landmark-recognition-2021": tmp_path / "rerun"})
+    cells = notebook.code_cells_of((out / "notebook" / "recognition" / f"{SLUG}-recognition.ipynb").read_text())
+    res = run_notebook(cells, root, tmp_path)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, f"notebook failed ({res.offline}):\n{log[-6000:]}"
+    assert f"train labels: {root / 'input' / 'landmark-recognition-2021' / 'train.csv'} (the competition's own)" in log
+    rows = {r[0]: r[1] for r in read_csv(root / "working" / "submission.csv")[1:]}
+    assert len(rows) == info["test_images"]
+    for test_id, new_landmark in info["known_answers"].items():
+        assert rows[test_id].split()[0] == new_landmark, (test_id, rows[test_id])
+    assert _saved_output(root / "working") == {"submission.csv", "submission.log.json"}
+    assert (root / "temp" / "kernel-work-recognition").is_dir()  # the working store: scratch, not saved
+
+
 @slow
 @pytest.mark.parametrize("victim", ["weights/effnet_b6_512.pth", "kernel/predict.py"])
 def test_notebook_refuses_a_tampered_dataset(built, competition, tmp_path, victim):
