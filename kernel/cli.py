@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "postprocess": "kernel.postprocess.cli",
     "prepare": "kernel.prepare",
     "rehearse": "kernel.rehearse",
+    "rerun": "kernel.rerun",
     "validate": "kernel.validate",
 }
 

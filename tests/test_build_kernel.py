@@ -273,6 +273,26 @@ def test_recognition_notebook_on_the_scored_rerun(built, competition, tmp_path):
 
 
 @slow
+def test_rerun_rehearsal_reports_what_the_scored_run_would_do(built, competition, tmp_path, capsys):
+    from kernel.cli import main as kernel_main
+
+    out, _ = built
+    code = kernel_main(["rerun", "--bundle", str(out), "--data", str(competition.retrieval), "--track", "retrieval",
+                        "--out", str(tmp_path / "r"), "--test-factor", "2"])
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "r" / "rerun_report.json").read_text())
+    assert code == 0, (printed, (tmp_path / "r" / "notebook.log").read_text()[-4000:])
+    assert report["submission_valid"] and report["notebook_exit"] == 0 and report["peak_rss_gib"] > 0
+    assert report["known_answers_right"] == report["known_answers"] == 3  # every added index image is returned
+    assert report["saved_output_files"] == ["submission.csv", "submission.log.json"]
+    cov = report["coverage"]["index"]
+    assert {c["added"] for c in cov.values()} == {3} and {c["gone"] for c in cov.values()} == {2}
+    assert "rerun rehearsal: notebook exit 0" in printed and "index: " in printed
+    assert kernel_main(["rerun", "--bundle", str(out), "--data", str(competition.retrieval), "--track",
+                        "retrieval", "--out", str(tmp_path / "r")]) == 2  # not a new folder: refused
+
+
+@slow
 @pytest.mark.parametrize("victim", ["weights/effnet_b6_512.pth", "kernel/predict.py"])
 def test_notebook_refuses_a_tampered_dataset(built, competition, tmp_path, victim):
     out, _ = built
