@@ -159,3 +159,30 @@ def test_views_read_shipped_rows_in_place(tmp_path):
     assert np.array_equal(aligned.block(0, 5), want[[want_ids.index(i) for i in order]])
     with pytest.raises(KernelError, match="ids do not match"):
         rows.aligned_to(np.asarray(["s0", "s2"]), "another model")
+
+
+def test_shipped_recognition_artefacts_are_reused_row_by_row(shipped, tiny_weights, tmp_path, caplog):
+    # with prepared family descriptors and B(t) shipped, the rows of the images still present are read from them
+    # and only the added images' rows are computed: the same submission as computing everything
+    import logging
+    import shutil
+
+    from kernel.cli import main
+
+    comp, store = shipped
+    with_prepared = tmp_path / "store"
+    shutil.copytree(store, with_prepared)
+    assert main(["prepare", "--store", str(with_prepared), "--train-labels", str(comp.recognition / "train.csv"),
+                 "--track", "recognition", "--no-progress"]) == 0
+    info = make_rerun(comp.recognition, tmp_path / "rerun", "recognition", test_factor=1, seed=5)
+    with caplog.at_level(logging.INFO, logger="kernel.postprocess.rowreuse"):
+        _, reused = _predict("recognition", tmp_path / "rerun", tiny_weights, with_prepared, tmp_path / "a")
+    n_kept = len(pd.read_csv(tmp_path / "rerun" / "train.csv")) - len(info["added_train"])
+    assert f"{n_kept} train rows reused from {with_prepared / 'prepared'}, {len(info['added_train'])} computed" \
+        in caplog.text
+    _, computed = _predict("recognition", tmp_path / "rerun", tiny_weights, store, tmp_path / "b")
+    a = pd.read_csv(reused, dtype=str, keep_default_na=False).set_index("id")["landmarks"].str.split()
+    b = pd.read_csv(computed, dtype=str, keep_default_na=False).set_index("id")["landmarks"].str.split()
+    assert a.index.equals(b.index)
+    for x, y in zip(a, b):
+        assert (x[:1] == y[:1]) and (not x or float(x[1]) == pytest.approx(float(y[1]), abs=1e-5))

@@ -183,13 +183,19 @@ def recognition_reference(groups, with_bank: bool, p: dict, reuse: Reuse, kw: di
     from the models' splits (B(t) then computed and saved to the cache)."""
     fam = {"renormalize": p["renormalize"]}
     fp = lazy(recognition_fingerprint, "recognition-train", groups, ("train",), fam)
-    path = reuse.find("recognition_train.npz", fp)
-    train = SplitRows(path) if path else family_rows(groups, "train", p["renormalize"])
+    train_path = reuse.find("recognition_train.npz", fp)
     if not with_bank:
-        return train, None, None
+        return SplitRows(train_path) if train_path else family_rows(groups, "train", p["renormalize"]), None, None
     fp = lazy(recognition_fingerprint, "recognition-bank", groups, ("nonlandmark",), fam)
     path = reuse.find("recognition_bank.npz", fp)
     bank = SplitRows(path) if path else family_rows(groups, "nonlandmark", p["renormalize"])
+    if train_path is None:  # the train set changed at run time: the shipped rows of the images still present
+        from kernel.postprocess.rowreuse import reuse_train
+
+        reused = reuse_train(groups, p, reuse, bank, kw)
+        if reused is not None:
+            return reused[0], bank, reused[1]
+    train = SplitRows(train_path) if train_path else family_rows(groups, "train", p["renormalize"])
     fp = lazy(recognition_fingerprint, "recognition-bias", groups, ("train", "nonlandmark"),
               {**fam, "bank_k_train": p["bank_k_train"]})
     path = reuse.find("recognition_bias.npz", fp)
