@@ -295,3 +295,60 @@ def test_finish_checks_the_file_on_disk_before_saying_finished(tmp_path):
     kp.finish("recognition", out, ["a1", "b2"], {"a1": ("1005", 0.9), "b2": None}, report)
     log = _log(out)
     assert log["finished"] is True and log["predicted"] == 1
+
+
+def test_short_time_covers_fewer_added_images_and_says_which(competition, tiny_weights, tmp_path):
+    # the test set comes first: with no time left after it, no added image is extracted, the log says how many
+    # were left out, and the view keeps the shipped rows only
+    import time as _time
+
+    from kernel.references import added_that_fit
+    from kernel.views import read_view
+
+    assert added_that_fit(list(range(10)), 2.0, 7.0) == 3 and added_that_fit(list(range(10)), 0.0, 1.0) == 10
+    assert added_that_fit(list(range(10)), 2.0, -5.0) == 0
+    store, work = tmp_path / "store", tmp_path / "work"
+    ids = _train_ids(competition)
+    kstore.save_split(store, B6, "train", ids[2:], np.eye(len(ids) - 2, 512, dtype=np.float32))
+    report = _report(tmp_path / "s.csv")
+    opts = _opts(competition, tiny_weights, tmp_path / "s.csv", store=store, models=B6)
+    labels, _ = kp.labels_and_work(opts, report)
+    _, _, added = kp.reference_descriptors(opts, _entries(tiny_weights, B6), work, labels, report)
+    assert not kp.extract_added(opts, _entries(tiny_weights, B6), added, work, 1.0, _time.monotonic(), report)
+    assert any(d.startswith("train: 2 images present, not shipped; time left for 0") and "left out: 2" in d
+               for d in report.decisions)
+    assert read_view(work, B6, "train").added is None and kstore.load_split(work, B6, "train")[0].tolist() == ids[2:]
+
+
+def test_shipped_descriptors_are_read_in_place_where_links_are_impossible(competition, tiny_weights, tmp_path,
+                                                                          monkeypatch):
+    import os
+
+    from kernel.views import read_view
+
+    def no_links(*a, **k):
+        raise OSError(1, "Operation not permitted")
+
+    store, work = tmp_path / "store", tmp_path / "work"
+    ids = _train_ids(competition)
+    kstore.save_split(store, B6, "train", ids, np.eye(len(ids), 512, dtype=np.float32))
+    monkeypatch.setattr(os, "symlink", no_links)
+    report = _report(tmp_path / "s.csv")
+    opts = _opts(competition, tiny_weights, tmp_path / "s.csv", store=store, models=B6)
+    labels, _ = kp.labels_and_work(opts, report)
+    kp.reference_descriptors(opts, _entries(tiny_weights, B6), work, labels, report)
+    assert not kstore.split_path(work, B6, "train").exists()  # no copy of the shipped file
+    view = read_view(work, B6, "train")
+    assert view.base == kstore.split_path(store, B6, "train").resolve() and not view.exclude
+    assert kstore.load_split(work, B6, "train")[0].tolist() == ids
+    assert f"{B6}: precomputed train from" in report.decisions[-1] and "(view)" in report.decisions[-1]
+
+
+def test_the_cache_is_skipped_when_the_disk_is_short(tmp_path, monkeypatch, caplog):
+    from kernel.postprocess import reference as ref
+
+    reuse = ref.Reuse(dirs=[], cache=tmp_path / "cache")
+    monkeypatch.setattr(ref, "has_room", lambda folder, needed: False)
+    reuse.save("recognition_bias.npz", lambda: {"kind": "x"}, ["a", "b"], bias=np.zeros(2, np.float32))
+    assert not (tmp_path / "cache" / "recognition_bias.npz").exists()
+    assert "not cached" in caplog.text
