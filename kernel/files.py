@@ -1,11 +1,15 @@
-"""Writing files so that a crash never leaves half of one: the one home of the atomic write that descriptor
-stores, submissions, run logs, split views, prepared artefacts and training checkpoints use."""
+"""Files: the one home of the atomic write (descriptor stores, submissions, run logs, split views, prepared
+artefacts and training checkpoints use it), of the free-space checks, of the sha256 of a file (checkpoints, the
+bundle), and of reading a user's CSV as UTF-8 text with one clear error."""
 from __future__ import annotations
 
+import csv
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from kernel.errors import KernelError
@@ -75,3 +79,31 @@ def has_room(folder, needed: int, margin: float = 1.25) -> bool:
     """Whether ``folder`` has ``needed`` bytes (times ``margin``) free; True when the free space is unknown."""
     free = free_bytes(folder)
     return free is None or free >= needed * margin
+
+
+def sha256_file(path, chunk: int = 1 << 22, on_block=None) -> str:
+    """sha256 of a file, read ``chunk`` bytes at a time; ``on_block(n)`` after each (a progress bar's update)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+            if on_block is not None:
+                on_block(len(block))
+    return h.hexdigest()
+
+
+def not_utf8(path, exc: UnicodeDecodeError) -> KernelError:
+    return KernelError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})")
+
+
+@contextmanager
+def csv_text(path):
+    """``path`` open as UTF-8 text for the csv module; undecodable bytes or an unreadable CSV (a field past the
+    module's limit) end in one :class:`KernelError` naming the file."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            yield fh
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc) from None
+    except csv.Error as exc:
+        raise KernelError(f"{path}: not a readable CSV ({exc})") from None

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from kernel.errors import KernelError
+from kernel.files import not_utf8
 
 INT64_MAX = 2**63 - 1
 # a landmark id as Kaggle writes it: a non-negative decimal integer without sign, leading zeros or separators
@@ -70,7 +71,7 @@ def read_label_csv(path: str | Path, what: str = "train labels") -> pd.DataFrame
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise KernelError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        raise not_utf8(path, exc) from None
     except Exception as exc:  # parser errors, empty file, a field past the parser's limits
         raise KernelError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from None
 

@@ -12,6 +12,7 @@ import csv
 from pathlib import Path
 
 from kernel.errors import KernelError
+from kernel.files import csv_text
 
 USAGES = ("Public", "Private", "Ignored")
 
@@ -119,13 +120,8 @@ def read_solution(path: str | Path, track: str) -> dict[str, dict[str, list[str]
     if not path.is_file():
         raise KernelError(f"{path}: solution file not found")
     out: dict[str, dict[str, list[str]]] = {u: {} for u in USAGES}
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            _read_solution_rows(csv.DictReader(fh), column, path, out)
-    except UnicodeDecodeError as exc:
-        raise KernelError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    except csv.Error as exc:  # e.g. a field larger than the csv module's limit
-        raise KernelError(f"{path}: not a readable CSV ({exc})") from None
+    with csv_text(path) as fh:
+        _read_solution_rows(csv.DictReader(fh), column, path, out)
     return out
 
 

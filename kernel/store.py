@@ -29,7 +29,7 @@ import numpy as np
 
 from kernel.descriptor_checks import check_descriptors
 from kernel.errors import KernelError
-from kernel.files import NEW_FILE_MODE, atomic_write  # noqa: F401  (the store's writes; re-exported)
+from kernel.files import atomic_write
 from kernel.views import read_view, view_path
 
 log = logging.getLogger(__name__)

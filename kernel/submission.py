@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from kernel.errors import KernelError
-from kernel.files import atomic_write
+from kernel.files import atomic_write, csv_text
 from kernel.labels import first_bad_id, landmark_id_problem
 
 logger = logging.getLogger(__name__)
@@ -109,13 +109,8 @@ def read_submission(track: str, path) -> dict:
     if not path.is_file():
         raise KernelError(f"{path}: submission file not found")
     out: dict = {}
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            _read_rows(csv.reader(fh), track, column, path, out)
-    except UnicodeDecodeError as exc:
-        raise KernelError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    except csv.Error as exc:  # e.g. a field larger than the csv module's limit
-        raise KernelError(f"{path}: not a readable CSV ({exc})") from None
+    with csv_text(path) as fh:
+        _read_rows(csv.reader(fh), track, column, path, out)
     return out
 
 

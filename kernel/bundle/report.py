@@ -4,11 +4,13 @@ Written as ``OUT/report.json`` (everything) and ``OUT/report.txt`` (the same, re
 """
 from __future__ import annotations
 
-import hashlib
+
 import json
 from pathlib import Path
 
 from tqdm import tqdm
+
+from kernel.files import sha256_file
 
 _CHUNK = 1 << 22
 
@@ -22,13 +24,7 @@ def human(n: float) -> str:
 
 
 def hash_file(path: Path, bar: tqdm | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_CHUNK):
-            h.update(block)
-            if bar is not None:
-                bar.update(len(block))
-    return h.hexdigest()
+    return sha256_file(path, _CHUNK, on_block=bar.update if bar is not None else None)
 
 
 def file_table(root: Path, exclude=(), progress: bool = True) -> dict:

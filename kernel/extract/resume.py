@@ -23,7 +23,7 @@ def checkpoint_sha(entry: dict, weights_dir) -> str | None:
     path = Path(weights_dir) / entry["checkpoint"]
     if not path.is_file():
         return None
-    from kernel.models import sha256_file
+    from kernel.files import sha256_file
 
     return sha256_file(path)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from torch import nn
 
 from kernel.errors import KernelError
-from kernel.models.checkpoint import (CheckpointError, load_weights, read_checkpoint, sha256_file,
+from kernel.files import sha256_file
+from kernel.models.checkpoint import (CheckpointError, load_weights, read_checkpoint,
                                      trust_all_checkpoints, unwrap_state_dict)
 from kernel.models.dolg import DOLG
 from kernel.models.effnet import EffNet

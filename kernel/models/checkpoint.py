@@ -10,7 +10,6 @@ naming the model, the file and the offending keys.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import zipfile
@@ -36,14 +35,6 @@ _MAX_LISTED = 8
 
 class CheckpointError(KernelError):
     """A checkpoint that does not fit its model (names model, file and keys)."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ``--trust-checkpoint``: full unpickling allowed for every checkpoint of this process (set by the CLI, logged)
