@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import resource
 
+#: the memory budget of a post-processing, GiB: the smallest Kaggle machine's RAM with room for the notebook
+#: (docs/scale.md); every command with ``--memory-gb`` defaults to it
+DEFAULT_MEMORY_GB = 10.0
+
 
 def peak_rss_gib() -> float:
     """Peak resident set size of this process since it started its program, in GiB.

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from kernel.memory import DEFAULT_MEMORY_GB
 from kernel import store as kstore
 from kernel.budget import plan_models
 from kernel.errors import KernelError
@@ -63,7 +64,7 @@ class PredictOptions:
     workers: int | None = None  # decode processes; None: extract's default (one per core); 0: in this process
     rerank: str = "soft"  # retrieval re-ranking: "soft", "two-stage" or "none"
     progress: bool = True  # progress bars on stderr
-    memory_gb: float | None = 10.0  # memory budget of the post-processing, in GiB; None: the search's default
+    memory_gb: float | None = DEFAULT_MEMORY_GB  # memory budget of the post-processing, in GiB; None: the search's default
 
     def check(self) -> None:
         """Refuse a track or time budget a caller from Python could pass past argparse."""
@@ -350,7 +351,7 @@ def add_arguments(p) -> None:
     p.add_argument("--probe-images", type=number(int, 1), default=None, help="test images timed before planning")
     p.add_argument("--batch-size", type=number(int, 1), default=None)
     p.add_argument("--workers", type=number(int, 0), default=None, help="decode processes (default: as for extract)")
-    p.add_argument("--memory-gb", type=number(float, 0, exclusive_min=True), default=10.0,
+    p.add_argument("--memory-gb", type=number(float, 0, exclusive_min=True), default=DEFAULT_MEMORY_GB,
                    help="memory budget of the post-processing in GiB (default 10, the smallest Kaggle machine)")
     p.add_argument("--no-progress", action="store_true")
 

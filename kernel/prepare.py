@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kernel.memory import DEFAULT_MEMORY_GB
 from kernel import search
 from kernel.errors import KernelError
 from kernel.postprocess import pipeline as pp
@@ -99,7 +100,7 @@ def add_arguments(p) -> None:
                    help="stored dtype of the recognition family descriptors (float32: exactly what the CPU "
                         "path computes; float16: half the disk, the searches then see float16-rounded descriptors)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--memory-gb", type=number(float, 0, exclusive_min=True), default=10.0,
+    p.add_argument("--memory-gb", type=number(float, 0, exclusive_min=True), default=DEFAULT_MEMORY_GB,
                    help="process memory budget (sizes the passes)")
     g = p.add_argument_group("constants (must equal those postprocess / predict will use)")
     g.add_argument("--knn-k", type=number(int, 1), default=None)

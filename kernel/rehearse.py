@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kernel.memory import DEFAULT_MEMORY_GB
 from kernel import store
 from kernel.errors import KernelError
 from kernel.models.manifest import ENSEMBLE
@@ -142,7 +143,7 @@ def add_arguments(p) -> None:
     p.add_argument("--models", type=number(int, 1), default=8, help="models in the store (the 2021 ensemble: 8)")
     p.add_argument("--retrieval-models", type=number(int, 1), default=None, help="models the retrieval run uses (default all)")
     p.add_argument("--tracks", default="recognition,retrieval", help="comma-separated tracks to run")
-    p.add_argument("--memory-gb", type=number(float, 0, exclusive_min=True), default=10.0, help="the budget every run must stay under")
+    p.add_argument("--memory-gb", type=number(float, 0, exclusive_min=True), default=DEFAULT_MEMORY_GB, help="the budget every run must stay under")
     p.add_argument("--device", default=None)
 
 

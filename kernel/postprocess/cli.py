@@ -5,7 +5,7 @@ import json
 import logging
 
 from kernel import prefilter, submission
-from kernel.memory import peak_rss_gib
+from kernel.memory import DEFAULT_MEMORY_GB, peak_rss_gib
 from kernel.postprocess import pipeline
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rerank", default="soft", choices=list(pipeline.RERANKS),
                         help="retrieval re-ranking (default: soft, the 2021 solution)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--memory-gb", type=number(float, 0, exclusive_min=True), default=10.0,
+    parser.add_argument("--memory-gb", type=number(float, 0, exclusive_min=True), default=DEFAULT_MEMORY_GB,
                         help="memory budget of the process in GiB (default 10, the smallest Kaggle machine): "
                              "sizes the passes over the streamed train / index descriptors")
     parser.add_argument("--prepared", action="append", default=None, metavar="DIR",
