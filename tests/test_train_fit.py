@@ -11,7 +11,9 @@ from kernel.errors import KernelError
 from kernel.models import build_model, load_manifest, load_weights
 from kernel.train import fit as fitmod
 from kernel.train.cli import main
+from kernel.train.distributed import TORCHRUN_ENV, Dist, setup_distributed
 from kernel.train.fit import StepRun, check_gpu_count, lr_factor
+from kernel.train.nets import Trainee
 from kernel.train.recipes import resolve_step
 from kernel.train.smoke import make_views
 
@@ -274,8 +276,8 @@ def test_one_process_trains_the_plain_trainee(caplog):
 
     entry = next(e for e in load_manifest(ROOT / "weights_manifest.json") if e["family"] == "effnet")
     net = attach_head(build_net(dict(entry, backbone="test_efficientnet", image_size=32)), 5)
-    trainee = fitmod.wrap_trainee(net, fitmod.Dist(), sync_bn=True)
-    assert type(trainee) is fitmod.Trainee and trainee.net is net and not caplog.records
+    trainee = fitmod.wrap_trainee(net, Dist(), sync_bn=True)
+    assert type(trainee) is Trainee and trainee.net is net and not caplog.records
     emb, logits = trainee.eval()(torch.randn(2, 3, 32, 32))
     assert emb.shape == (2, 512) and logits.shape == (2, 5)
 
@@ -288,8 +290,8 @@ def test_a_cuda_device_without_index_is_the_ranks_own_gpu(device, local, want, m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setenv("LOCAL_RANK", local)
-    for var in ("WORLD_SIZE", "RANK", fitmod.TORCHRUN_ENV):
+    for var in ("WORLD_SIZE", "RANK", TORCHRUN_ENV):
         monkeypatch.delenv(var, raising=False)
-    env = fitmod.setup_distributed(device)
+    env = setup_distributed(device)
     assert env.device == torch.device(want) and not env.distributed and env.world == 1
     assert chosen == ([torch.device(want)] if want != "cpu" else [])

@@ -1,9 +1,7 @@
 """The training loop of one recipe step.
 
 Mixed precision (bf16 where the GPU has it, else fp16 with a grad scaler; fp32 on CPU), distributed data
-parallel when started by ``torchrun`` (one process per GPU; ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` from the
-environment; NCCL on GPUs, Gloo on CPUs; a collective timeout sized for validation; under ``torchrun`` even one
-process runs DDP and the collectives), Adam (or SGD), the
+parallel when started by ``torchrun`` (:mod:`kernel.train.distributed`), Adam (or SGD), the
 recipes' schedules (per-iteration cosine / poly with linear warm-up, or the 2020 code's per-epoch one),
 gradient accumulation and optional clipping, a NaN guard that skips a step on every rank together and stops
 after too many in a row, a progress bar, per-epoch validation sharded over the ranks (GAP and mAP@100 of
@@ -15,13 +13,10 @@ weights, and after every epoch an atomically written ``model.pth`` (original lay
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,54 +32,14 @@ from kernel.train.augment import eval_transform, train_transform
 from kernel.train.cutmix import corner_cutmix, dual_stream_loss
 from kernel.train.data import ClassMap, DistributedWeightedSampler, LandmarkDataset, class_weights
 from kernel.train.losses import build_loss
-from kernel.train.nets import (Trainee, attach_head, build_net, describe_missing, freeze, load_imagenet,
+from kernel.train.nets import (attach_head, build_net, describe_missing, freeze, load_imagenet,
                                pretrained_tensors)
+from kernel.train.distributed import DIST_TIMEOUT_MIN, _all_finite, setup_distributed, wrap_trainee
 from kernel.train.validation import embed_sharded, validation_metrics
 
 log = logging.getLogger(__name__)
 
 MAX_BAD_STEPS = 50  # consecutive non-finite losses / gradients before the run is stopped
-# collective timeout (minutes): rank 0 scores the gathered validation and writes two checkpoints while the
-# others wait at a barrier; PyTorch's 10-minute default is too short for ~100k images at 448-896 px
-DIST_TIMEOUT_MIN = 120
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    distributed: bool = False  # a process group runs: DDP and collectives (torchrun, or several processes)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-#: set by ``torchrun`` (torch.distributed.elastic) in every process it starts
-TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"
-
-
-def setup_distributed(device: str | None = None, timeout_min: float = None) -> Dist:
-    """Read torchrun's environment; start the process group when there is more than one process.
-    ``timeout_min``: how long a collective (a barrier while rank 0 scores validation and writes checkpoints)
-    may wait before the job is killed; PyTorch's default is 10 minutes. The group starts when there is more than
-    one process or the process was started by ``torchrun`` (then also for one: the multi-GPU path on one GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda":  # "cuda" without an index: this rank's own GPU (set_device refuses it)
-        dev = dev if dev.index is not None else torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if (world > 1 or TORCHRUN_ENV in os.environ) and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_min or DIST_TIMEOUT_MIN))
-        log.info("process group: %s backend, rank %d of %d on %s", dist.get_backend(), rank, world, dev)
-    return Dist(rank, world, local, dev, distributed=dist.is_available() and dist.is_initialized())
-
-
 def check_gpu_count(step: dict, world: int, scale_lr: bool = False, warn: bool = True) -> float:
     """The learning rate to train with. The recipe's ``lr`` belongs to ``gpus x batch_size x grad_accum``
     images per optimiser step; on another GPU count each step averages over another number of images with the
@@ -170,29 +125,6 @@ def optimisation(params, step: dict, iters_per_epoch: int, amp_dtype, device: to
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, step, iters_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return optimizer, scheduler, scaler
-
-
-def wrap_trainee(net, env: Dist, sync_bn: bool, find_unused: bool = False) -> torch.nn.Module:
-    """:class:`Trainee` of ``net``; with several processes in DDP (SyncBatchNorm first when ``sync_bn`` and on
-    GPUs; on CPUs a warning says BatchNorm statistics stay per process). ``find_unused``: some parameters are
-    frozen (``train_only``)."""
-    trainee = Trainee(net)
-    if not env.distributed:
-        return trainee
-    if sync_bn and env.device.type == "cuda":
-        trainee = torch.nn.SyncBatchNorm.convert_sync_batchnorm(trainee)
-    elif sync_bn:
-        log.warning("SyncBatchNorm needs GPUs: BatchNorm statistics stay per process on %s", env.device)
-    return torch.nn.parallel.DistributedDataParallel(
-        trainee, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-        find_unused_parameters=find_unused)
-
-
-def _all_finite(x: torch.Tensor, env: Dist) -> bool:
-    ok = torch.isfinite(x.detach()).all().float().reshape(1)
-    if env.distributed:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item() > 0)
 
 
 class StepRun:

@@ -16,7 +16,7 @@ from kernel.train.data import ClassMap
 from kernel.train.nets import get_head
 
 if TYPE_CHECKING:
-    from kernel.train.fit import Dist
+    from kernel.train.distributed import Dist
 
 
 @torch.no_grad()
