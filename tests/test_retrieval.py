@@ -32,8 +32,11 @@ def test_knn_labels_against_train():
     s = unit(np.array([[1, 0.05]])) @ train.T
     assert label.tolist() == [0] and conf[0] == pytest.approx((s[0, 0] + s[0, 1]) / 3, abs=1e-6)
     assert knn.knn_labels(train, train[:0], codes[:0])[0].tolist() == [-1, -1, -1]
-    codes, names = knn.encode_labels(["7", 3, "7", "10"])
-    assert codes.tolist() == [0, 1, 0, 2] and names.tolist() == ["7", "3", "10"]
+    from kernel.postprocess.reference import codes as encode, landmarks_of
+
+    codes_of = {}
+    codes = encode(["7", 3, "7", "10"], codes_of)
+    assert codes.tolist() == [0, 1, 0, 2] and landmarks_of(codes, codes_of).tolist() == ["7", "3", "7", "10"]
 
 
 def soft_reference(q, idx, ql, il, ic, keep, down):

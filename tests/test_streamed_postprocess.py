@@ -120,7 +120,9 @@ def _reference_recognition(paths, bank: bool):
         it = iter(bank_all)
         bank_desc = rec.family_descriptors([[next(it) for _ in fams[f]] for f in order])
     labels = pipeline.read_train_labels(paths["train_labels"])
-    codes, uniq = knn.encode_labels(labels.reindex(train_ids).to_numpy())
+    codes_of = {}
+    codes = reference.codes(labels.reindex(train_ids).to_numpy(), codes_of)
+    uniq = reference.landmarks_of(np.arange(len(codes_of)), codes_of)
     c, conf = rec.recognize(test, train, codes, bank_desc if bank else None)
     have = np.any([m for p in t_present for m in p], axis=0)
     return {q: (str(uniq[c[j]]), float(conf[j])) if have[j] and c[j] >= 0 else None for j, q in enumerate(test_ids)}

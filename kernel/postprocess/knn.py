@@ -4,20 +4,14 @@ The k-NN label of an image x: take its ``k`` nearest labelled train images, sum 
 landmark; label(x) = the landmark with the largest sum, conf(x) = that sum / ``divisor`` (the 2019 code
 divides by k = 3, **our reading**; the recognition post-processing keeps the plain sum, divisor 1).
 
-Landmarks are integer codes here (``-1`` = no label); :func:`encode_labels` maps landmark ids to codes.
+Landmarks are integer codes here (``-1`` = no label); :func:`kernel.postprocess.reference.codes` maps landmark
+ids to codes.
 """
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 from kernel import search
-
-
-def encode_labels(landmarks) -> tuple[np.ndarray, np.ndarray]:
-    """Landmark ids -> (int64 codes, the landmark id of every code as str), codes in order of appearance."""
-    codes, uniques = pd.factorize(pd.Series(landmarks, dtype=object).astype(str), sort=False)
-    return codes.astype(np.int64), np.asarray(uniques, dtype=str)
 
 
 def vote(scores: np.ndarray, labels: np.ndarray, divisor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
