@@ -166,18 +166,26 @@ class SplitRows(Rows):
         out.ids, out.order = np.asarray(ref_ids), pos.astype(np.int64)
         return out
 
+    def _read_span(self, r0: int, r1: int) -> np.ndarray:
+        """File rows ``r0:r1`` in the stored dtype: one positioned read, nothing mapped."""
+        if self.memory is not None:
+            return self.memory[r0:r1]
+        offset, dtype, shape = self.layout
+        buf = np.empty((r1 - r0, shape[1]), dtype)
+        with open(self.path, "rb", buffering=0) as fh:
+            got = os.preadv(fh.fileno(), [memoryview(buf).cast("B")], offset + r0 * buf.itemsize * shape[1])
+        if got != buf.nbytes:
+            raise KernelError(f"{self.path}: truncated descriptor file (rows {r0}-{r1})")
+        return buf
+
     def _read_into(self, out: np.ndarray, sel) -> None:
         """Rows ``sel`` (a slice, or sorted positions) into the float32 array ``out``."""
         if self.memory is not None:
             out[:] = self.memory[sel]
             return
         offset, dtype, shape = self.layout
-        if isinstance(sel, slice):  # contiguous rows: one positioned read, nothing mapped
-            buf = np.empty((sel.stop - sel.start, shape[1]), dtype)
-            with open(self.path, "rb", buffering=0) as fh:
-                got = os.preadv(fh.fileno(), [memoryview(buf).cast("B")], offset + sel.start * buf.itemsize * shape[1])
-            if got != buf.nbytes:
-                raise KernelError(f"{self.path}: truncated descriptor file (rows {sel.start}-{sel.stop})")
+        if isinstance(sel, slice):  # contiguous rows
+            buf = self._read_span(sel.start, sel.stop)
         else:
             mm = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
             buf = mm[sel]  # a copy: the mapping is dropped with ``mm``
@@ -193,7 +201,15 @@ class SplitRows(Rows):
         return out
 
     def _read_positions(self, out: np.ndarray, pos: np.ndarray) -> None:
-        """File rows ``pos`` (any order) into ``out``: read sorted, put back in the order asked."""
+        """File rows ``pos`` (any order) into ``out``. Positions that are dense in their range (a view leaving a
+        few ids out) are read as that one range and picked; sparse ones sorted, through a mapping."""
+        if not len(pos):
+            return
+        lo, hi = int(pos.min()), int(pos.max()) + 1
+        if hi - lo <= 2 * len(pos):  # picked in the stored dtype, converted in the same pass (torch)
+            span = torch.from_numpy(np.ascontiguousarray(self._read_span(lo, hi)))
+            torch.from_numpy(out).copy_(torch.index_select(span, 0, torch.from_numpy(pos - lo)))
+            return
         srt = np.argsort(pos, kind="stable")
         part = np.empty((len(pos), self.dim), np.float32)
         self._read_into(part, pos[srt])
@@ -258,13 +274,17 @@ class ViewRows(Rows):
         return out
 
     def block(self, r0: int, r1: int) -> np.ndarray:
-        out = np.empty((r1 - r0, self.dim), np.float32)
         if self.order is None:  # in order: each part's overlap is a contiguous block of it
+            k = int(np.searchsorted(self.starts, r0, side="right")) - 1
+            if r1 <= self.starts[k + 1]:  # inside one part: its block as it is, no copy
+                return self.parts[k].block(r0 - self.starts[k], r1 - self.starts[k])
+            out = np.empty((r1 - r0, self.dim), np.float32)
             for part, start in zip(self.parts, self.starts):
                 a, b = max(r0, start), min(r1, start + len(part))
                 if a < b:
                     out[a - r0 : b - r0] = part.block(a - start, b - start)
             return out
+        out = np.empty((r1 - r0, self.dim), np.float32)
         pos = self.order[r0:r1]
         part_of = np.searchsorted(self.starts, pos, side="right") - 1
         for k, part in enumerate(self.parts):
