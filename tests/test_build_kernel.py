@@ -264,6 +264,10 @@ def test_recognition_notebook_on_the_scored_rerun(built, competition, tmp_path):
     log = res.stdout + res.stderr
     assert res.returncode == 0, f"notebook failed ({res.offline}):\n{log[-6000:]}"
     assert f"train labels: {root / 'input' / 'landmark-recognition-2021' / 'train.csv'} (the competition's own)" in log
+    # the notebook's first line says which run this is, from the folder's sizes against the public ones
+    first = next(line for line in res.stdout.splitlines() if not line.startswith("---- cell"))
+    assert first.startswith(f"this run: the scored rerun, not the public recognition folder: test "
+                            f"{info['test_images']} (public 10000)")
     rows = {r[0]: r[1] for r in read_csv(root / "working" / "submission.csv")[1:]}
     assert len(rows) == info["test_images"]
     for test_id, new_landmark in info["known_answers"].items():
