@@ -334,7 +334,7 @@ def test_notebook_finds_the_dataset_mounted_elsewhere(built, competition, tmp_pa
     shutil.copytree(competition.recognition, root / "input" / "landmark-recognition-2021")
     (root / "working").mkdir()
     cells = notebook.code_cells_of((out / "notebook" / "recognition" / f"{SLUG}-recognition.ipynb").read_text())
-    res = run_notebook(cells[:4], root, tmp_path)  # configure, machine, find, verify
+    res = run_notebook(cells[:5], root, tmp_path)  # configure, which run, machine, find, verify
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"dataset: {root / 'input' / 'datasets' / 'tester' / SLUG} (build {_build_id(out)})" in res.stdout
     assert "verified 3 checkpoints" in res.stdout
