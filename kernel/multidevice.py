@@ -266,6 +266,11 @@ def merge_summaries(summary, results: dict, devices: list) -> list[str]:
             summary.computed[m] = summary.computed.get(m, 0) + c
             summary.model_seconds[m] = summary.model_seconds.get(m, 0.0) + s.model_seconds.get(m, 0.0)
             summary.fp32_recomputed[m] = summary.fp32_recomputed.get(m, 0) + s.fp32_recomputed.get(m, 0)
+            summary.warmup_seconds[m] = summary.warmup_seconds.get(m, 0.0) + s.warmup_seconds.get(m, 0.0)
+        for m, v in s.load_seconds.items():  # the workers load at the same time: the longest
+            summary.load_seconds[m] = max(summary.load_seconds.get(m, 0.0), v)
+        summary.startup_seconds = max(summary.startup_seconds, s.startup_seconds)
+        summary.loop_seconds = max(summary.loop_seconds, s.loop_seconds)
         summary.new_failures += s.new_failures
         summary.decode_wait = max(summary.decode_wait, s.decode_wait)
         summary.stopped = summary.stopped or s.stopped

@@ -10,8 +10,10 @@ What a run does, in order (every decision is logged with its numbers; :func:`pre
    test set; descriptors whose ``meta.json`` names another checkpoint than the manifest pins are refused. A split
    nobody shipped is extracted from the competition folder (train/, index/) or ``--nonlandmark``.
 3. *Probe*: extracts the first test images with every model, measures each model's seconds per image and the
-   per-image overhead on this machine, projects the whole run, and when the projection passes the deadline
-   drops models in the manifest's ``priority`` order (highest number first), saying which and why.
+   per-image overhead on this machine apart from the one-time costs (device start-up, model loading, warm-up),
+   projects the whole run (:mod:`kernel.plan`: one-time costs once per later extraction call, not per image),
+   and when the projection passes the deadline drops models in the manifest's ``priority`` order (highest
+   number first), saying which and why.
 4. Extracts the rest in chunks; after each chunk it post-processes with the descriptors it has and replaces
    the submission with a better one (images not reached yet keep empty rows). Extraction stops cleanly at the
    deadline minus a reserve kept for the last post-processing.
@@ -22,14 +24,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from kernel.memory import DEFAULT_MEMORY_GB
 from kernel import store as kstore
-from kernel.budget import plan_models
 from kernel.errors import KernelError
 from kernel.labels import read_train_labels
+from kernel.plan import Probe, plan_after_probe  # noqa: F401 - step 3b, and the names the tests use
 from kernel.predict_report import PredictReport, decide, log_path, write_log
 from kernel.references import (REFERENCE_SPLITS, _writable, extract_added, extract_references,  # noqa: F401
                                reference_descriptors)
@@ -192,64 +194,26 @@ def seconds_per_image(measured: "Probe", kept: list[dict], devices: int) -> floa
     return sum(rates) / max(1, devices)
 
 
-@dataclass
-class Probe:
-    """What the probe (step 3) measured: the first test images extracted with every model."""
-
-    test: list  # every test record, in extraction order: those an earlier run finished first
-    size: int  # test[:size] has descriptors now (the images resumed, then the probe's)
-    resumed: int  # test images an earlier run had finished with every model
-    seconds: float = 0.0  # wall time of the probe's extraction, in seconds
-    model_seconds: dict = field(default_factory=dict)  # model -> seconds in its forward passes (all devices)
-    computed: dict = field(default_factory=dict)  # model -> descriptors the probe computed
-
-
 def probe(opts: PredictOptions, entries: list[dict], test: list, work: Path, report: PredictReport) -> Probe:
     """Step 3a: the first test images not done yet, with every model (no deadline: the plan needs these numbers,
-    and a probe is a few batches). A resumed run probes images it has not done, so it measures something."""
-    from kernel.extract import extract
+    and a probe is a few batches). A resumed run probes images it has not done, so it measures something. By
+    default two batches of the device's batch size (at least 16 images): the second gives each model's steady
+    rate, so that its first batch's warm-up counts once, not per image (:mod:`kernel.plan`)."""
+    from kernel.extract import DEFAULT_BATCH, extract
+    from kernel.multidevice import extract_devices
 
     done = set.intersection(*[kstore.stored_ids(work, e["name"], "test") for e in entries])
     todo = [r for r in test if r.id not in done]
     test = [r for r in test if r.id in done] + todo  # extraction order: finished ones first
-    n_new = min(len(todo), opts.probe_images or max(2 * (opts.batch_size or 8), 16))
+    batch = opts.batch_size or DEFAULT_BATCH["cuda" if extract_devices(opts.device)[0].type == "cuda" else "cpu"]
+    n_new = min(len(todo), opts.probe_images or max(2 * batch, 16))
     n_probe = min(len(test), len(done) + n_new)
     if done:
         decide(report, "resuming: %d test images already have descriptors from every model", len(done))
     s = extract(entries, opts.weights, test[:n_probe], "test", work, **opts.extract_kwargs())
     report.failures.update(s.failures)
-    return Probe(test, n_probe, len(done), s.seconds, dict(s.model_seconds), dict(s.computed))
-
-
-def plan_after_probe(measured: Probe, entries: list[dict], references: dict, missing: dict, devices: int,
-                     budget_s: float, reserve_s: float, report: PredictReport) -> list[dict]:
-    """Step 3b: project the rest of the run from the probe and drop models (manifest ``priority``, highest
-    number first) until it fits ``budget_s`` seconds, ``reserve_s`` included; returns the entries kept.
-    ``references``: split -> images still to extract; ``missing``: model -> its splits among them;
-    ``devices``: how many devices share each extraction."""
-    per_image = {e["name"]: measured.model_seconds[e["name"]] / measured.computed[e["name"]] / devices
-                 for e in entries if measured.computed.get(e["name"])}
-    if not per_image:  # nothing computed (all stored already, or all failed): no basis, assume it fits
-        per_image = {e["name"]: 0.0 for e in entries}
-    fallback_rate = max(per_image.values())
-    new_images = max(1, measured.size - measured.resumed)
-    overhead = max(0.0, measured.seconds - sum(measured.model_seconds.values())) / new_images
-    remaining_test = len(measured.test) - measured.size
-    costs = {}
-    for e in entries:
-        images = remaining_test + sum(references[s] for s in missing.get(e["name"], []))
-        costs[e["name"]] = per_image.get(e["name"], fallback_rate) * images
-    total_images = remaining_test + sum(references.values())
-    priority = {e["name"]: e["priority"] for e in entries}
-    plan = plan_models(costs, priority, budget_s, fixed_s=overhead * total_images + reserve_s)
-    decide(report, "probe: %d test images in %.1f s; per model s/image: %s; overhead %.3f s/image; "
-           "projected %.0f s for the rest (incl. %.0f s reserve) vs %.0f s left",
-           measured.size, measured.seconds, ", ".join(f"{k} {v:.3f}" for k, v in per_image.items()), overhead,
-           plan.projected_s, reserve_s, budget_s)
-    for d in plan.decisions:
-        decide(report, d)
-    report.dropped = plan.dropped
-    return [e for e in entries if e["name"] in plan.kept]
+    later = sum(1 for end in chunk_ends(n_probe, len(test), opts.chunks, opts.min_chunk) if end > n_probe)
+    return Probe.from_summary(test, n_probe, len(done), s, test_calls=later)
 
 
 def chunk_ends(start: int, total: int, chunks: int, min_chunk: int) -> list[int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kernel import budget
+from kernel import budget, sizes
 from kernel.devices import resolve_device
 from kernel.errors import KernelError
 
@@ -229,8 +229,13 @@ def add_arguments(p) -> None:
     p.add_argument("--models", default=None, help="comma-separated subset")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--track", choices=["recognition", "retrieval", "both"], default="both")
-    p.add_argument("--n-test", type=number(int, 0), default=10_000, help="test images (default 10,000)")
-    p.add_argument("--n-index", type=number(int, 0), default=76_176, help="retrieval index images (default 76,176, docs/kaggle.md#data-sets-and-their-sizes)")
+    p.add_argument("--n-test", type=number(int, 0), default=None,
+                   help="test images of both tracks (default: the scored rerun's hidden test sets, our reading: "
+                   f"{sizes.HIDDEN_FACTOR}x the public 10,000 (recognition) and 1,129 (retrieval), kernel/sizes.py)")
+    p.add_argument("--n-index", type=number(int, 0), default=None,
+                   help="retrieval index images extracted in the notebook (default: the hidden index's images beyond "
+                   "the public 76,176, whose descriptors are shipped; our reading: the hidden index is "
+                   f"{sizes.HIDDEN_FACTOR}x the public one)")
     p.add_argument("--n-train", type=number(int, 0), default=0,
                    help="train images extracted in the kernel (default 0: train descriptors are precomputed)")
     p.add_argument("--target", choices=[*budget.TARGETS, "all"], default="all",
@@ -267,6 +272,24 @@ def parse_efficiency(items) -> dict:
     return out
 
 
+def track_counts(track: str, n_test: int | None, n_index: int | None, n_train: int) -> dict:
+    """The images a plan of ``track`` counts: the given ones, else the scored rerun's (:func:`kernel.sizes.hidden_counts`)."""
+    hidden = sizes.hidden_counts(track)
+    return {"test": hidden["test"] if n_test is None else n_test,
+            "index": (hidden["index"] if n_index is None else n_index) if track == "retrieval" else 0,
+            "train": n_train}
+
+
+def counts_line(track: str, counts: dict, args) -> str:
+    """What the plan of ``track`` is for: the hidden sets by default (against what the public folder holds), or
+    the counts given on the command line."""
+    if args.n_test is None and (track != "retrieval" or args.n_index is None):
+        return sizes.sizes_line(track, counts)
+    public = sizes.PUBLIC[track]
+    index = f" and {counts['index']:,} index images extracted in the notebook" if track == "retrieval" else ""
+    return f"{track}: planned for {counts['test']:,} test images{index} as given (public test/: {public['test']:,})"
+
+
 def run(args) -> int:
     from kernel.cli import output_file
     from kernel.models import load_manifest, select
@@ -286,13 +309,15 @@ def run(args) -> int:
     rows = profile_models(entries, args.weights, str(device), bss, args.iters, efficiency,
                           measure=not args.no_measure)
     tracks = ["recognition", "retrieval"] if args.track == "both" else [args.track]
-    plans = {k: [make_plan(rows, entries, t, args.n_test, args.n_index, args.n_train, args.budget_hours,
+    counts = {t: track_counts(t, args.n_test, args.n_index, args.n_train) for t in tracks}
+    plans = {k: [make_plan(rows, entries, t, counts[t]["test"], counts[t]["index"], args.n_train, args.budget_hours,
                            args.decode_ms, args.reserve_hours, target=k) for t in tracks] for k in budget.TARGETS}
     shown = list(budget.TARGETS) if args.target == "all" else [args.target]
     label = device_name(device)
+    print("\n".join(counts_line(t, counts[t], args) for t in tracks))
     print(format_table(rows, [p for k in shown for p in plans[k]], label, efficiency))
-    result = {"device": label, "efficiency": efficiency, "decode_cores": DECODE_CORES,
-              "counts": {"test": args.n_test, "index": args.n_index, "train": args.n_train},
+    result = {"device": label, "efficiency": efficiency, "decode_cores": DECODE_CORES, "counts": counts,
+              "public": {t: sizes.PUBLIC[t] for t in tracks}, "hidden_factor": sizes.HIDDEN_FACTOR,
               "targets": {k: {**t, "efficiency": budget.target_efficiency(t, efficiency),
                               "plans": {p["track"]: p for p in plans[k]}} for k, t in budget.TARGETS.items()},
               "models": rows}

@@ -264,6 +264,10 @@ def test_recognition_notebook_on_the_scored_rerun(built, competition, tmp_path):
     log = res.stdout + res.stderr
     assert res.returncode == 0, f"notebook failed ({res.offline}):\n{log[-6000:]}"
     assert f"train labels: {root / 'input' / 'landmark-recognition-2021' / 'train.csv'} (the competition's own)" in log
+    # the notebook's first line says which run this is, from the folder's sizes against the public ones
+    first = next(line for line in res.stdout.splitlines() if not line.startswith("---- cell"))
+    assert first.startswith(f"this run: the scored rerun, not the public recognition folder: test "
+                            f"{info['test_images']} (public 10000)")
     rows = {r[0]: r[1] for r in read_csv(root / "working" / "submission.csv")[1:]}
     assert len(rows) == info["test_images"]
     for test_id, new_landmark in info["known_answers"].items():
@@ -330,7 +334,7 @@ def test_notebook_finds_the_dataset_mounted_elsewhere(built, competition, tmp_pa
     shutil.copytree(competition.recognition, root / "input" / "landmark-recognition-2021")
     (root / "working").mkdir()
     cells = notebook.code_cells_of((out / "notebook" / "recognition" / f"{SLUG}-recognition.ipynb").read_text())
-    res = run_notebook(cells[:4], root, tmp_path)  # configure, machine, find, verify
+    res = run_notebook(cells[:5], root, tmp_path)  # configure, which run, machine, find, verify
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"dataset: {root / 'input' / 'datasets' / 'tester' / SLUG} (build {_build_id(out)})" in res.stdout
     assert "verified 3 checkpoints" in res.stdout

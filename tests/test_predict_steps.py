@@ -174,6 +174,10 @@ def test_a_resumed_probe_measures_new_images_after_the_finished_ones(competition
     assert [r.id for r in measured.test[:2]] == finished and len(measured.test) == len(test)
     assert (measured.size, measured.resumed, measured.computed) == (4, 2, {B6: 2})
     assert measured.model_seconds[B6] > 0 and measured.seconds >= measured.model_seconds[B6]
+    # the one-time costs apart: loading (and the device start-up) outside the batches, one batch: no warm-up set apart
+    assert measured.load_seconds[B6] > 0 and measured.warmup_seconds == {B6: 0.0}
+    assert measured.loop_seconds + measured.load_seconds[B6] + measured.startup_seconds <= measured.seconds
+    assert measured.test_calls == (1 if len(test) > 4 else 0)  # the chunks after the probe: one, fewer than 256 left
     assert report.decisions == ["resuming: 2 test images already have descriptors from every model"]
 
 
@@ -194,8 +198,10 @@ def test_plan_drops_the_least_valuable_models_until_the_projection_fits(tmp_path
                                budget_s=60, reserve_s=10, report=report)
     assert [e["name"] for e in kept] == ["a", "b"] and report.dropped == ["c"]
     assert report.decisions[0] == ("probe: 10 test images in 6.5 s; per model s/image: a 0.100, b 0.200, c 0.300; "
-                                   "overhead 0.050 s/image; projected 59 s for the rest (incl. 10 s reserve) "
-                                   "vs 60 s left")
+                                   "overhead 0.050 s/image; one-time: device start-up 0.0 s, model loading 0.0 s, "
+                                   "warm-up 0.0 s, other setup 0.0 s; counted again for each of 2 later extraction "
+                                   "calls (up to 0.0 s each), not per image; projected 59 s for the rest (incl. 10 s "
+                                   "reserve) vs 60 s left")
     assert report.decisions[1:] == ["drop c (priority 3): projected 101.0 s > budget 60.0 s; it needs 42.0 s"]
 
 

@@ -63,8 +63,10 @@ def test_each_card_has_its_plan_and_the_json_lists_both(tmp_path, capsys):
     from kernel import budget
 
     js = tmp_path / "p.json"
-    assert _profile("--target", "t4x2", "--json", str(js), "--budget-hours", "1.08", "--reserve-hours", "0") == 0
+    assert _profile("--target", "t4x2", "--json", str(js), "--budget-hours", "1.08", "--reserve-hours", "0",
+                    "--n-test", "10000", "--n-index", "76176") == 0
     out = capsys.readouterr().out
+    assert "retrieval: planned for 10,000 test images and 76,176 index images extracted in the notebook as given" in out
     assert "t4x2 recognition:" in out and "p100 recognition:" not in out and "2 x 65.0 TFLOPS" in out
     data = json.loads(js.read_text())
     t4, p100 = data["targets"]["t4x2"], data["targets"]["p100"]
@@ -86,6 +88,38 @@ def test_each_card_has_its_plan_and_the_json_lists_both(tmp_path, capsys):
     assert budget.target_efficiency(budget.P100, {"t4x2:effnet": 0.05})["effnet"] == 0.20
     assert budget.target_efficiency(budget.T4X2, {"effnet": 0.4})["effnet"] == 2 * budget.target_efficiency(
         budget.T4X2)["effnet"]
+
+
+def test_the_plan_is_for_the_hidden_sets_and_says_what_the_public_folders_hold(tmp_path, capsys):
+    from kernel import sizes
+
+    js = tmp_path / "p.json"
+    assert _profile("--target", "t4x2", "--json", str(js)) == 0
+    out = capsys.readouterr().out
+    factor = sizes.HIDDEN_FACTOR
+    assert factor >= 2 and sizes.hidden_counts("recognition")["test"] >= 20_000  # at least twice the public 10,000
+    assert out.splitlines()[0] == (f"recognition: planned for the scored rerun's {10_000 * factor:,} test images "
+                                   f"(public test/: 10,000); our reading: hidden sets {factor}x the public ones "
+                                   "(kernel/sizes.py)")
+    assert (f"retrieval: planned for the scored rerun's {1_129 * factor:,} test images (public test/: 1,129) and "
+            f"{76_176 * (factor - 1):,} index images extracted in the notebook") in out.splitlines()[1]
+    data = json.loads(js.read_text())
+    assert data["counts"]["recognition"] == {"test": 10_000 * factor, "index": 0, "train": 0}
+    assert data["counts"]["retrieval"]["index"] == 76_176 * (factor - 1)
+    assert data["public"]["recognition"] == {"test": 10_000, "train_rows": 1_580_470}
+    plan = data["targets"]["t4x2"]["plans"]["retrieval"]
+    assert plan["images"] == 1_129 * factor + 76_176 * (factor - 1) and plan["fits"] and plan["dropped"] == []
+
+
+def test_which_run_tells_the_public_folder_from_the_scored_rerun():
+    from kernel.sizes import PUBLIC, which_run
+
+    public = PUBLIC["recognition"]
+    assert which_run("recognition", dict(public), public) == (
+        "this run: the public recognition folder (test 10000, train_rows 1580470: the public sizes)")
+    line = which_run("recognition", {"test": 20_000, "train_rows": 1_580_470}, public)
+    assert line == "this run: the scored rerun, not the public recognition folder: test 20000 (public 10000)"
+    assert "cannot tell" in which_run("retrieval", {"test": 1_129, "index": None}, PUBLIC["retrieval"])
 
 
 def test_bad_efficiency_is_one_clear_error(capsys):

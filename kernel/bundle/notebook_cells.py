@@ -6,6 +6,8 @@ The cells are plain Python (no shell magics), so the same code runs in Jupyter, 
 1. *configure*: the Kaggle root (``$KAGGLE_ROOT``, default ``/kaggle``), the competition folder, this build's
    id and the sha256 of every checkpoint it was built with (pinned in the notebook itself), the accelerator it
    was built for;
+   *which run*: the public folder or the scored rerun, from the competition folder's sizes at run time against
+   the public ones (:mod:`kernel.sizes`), printed first;
    *the machine*: which torch (version, CUDA build, compiled GPU architectures), which GPUs (name, compute
    capability, memory), each checked with a real operation. A GPU this torch cannot run (a Pascal P100, sm_60,
    under a torch built for sm_75 and newer) is left out; when none is usable a loud banner says so and the job
@@ -28,6 +30,8 @@ The cells are plain Python (no shell magics), so the same code runs in Jupyter, 
 Every failure ends the run with ``SystemExit("error: ...")`` naming the file and the problem.
 """
 from __future__ import annotations
+
+from kernel.bundle.which_run import which_run_cell
 
 CONFIG = '''\
 # Configuration, written by build_kernel.py. Plain Python: runs in Jupyter, on Kaggle and as a script.
@@ -398,7 +402,7 @@ check_submission()
 '''
 
 
-CODE_CELLS = ("machine", "find_dataset", "verify", "install", "environment", "predict", "check_submission")
-CELL_SOURCE = {"machine": MACHINE, "find_dataset": FIND_DATASET, "verify": VERIFY_CELL, "install": INSTALL,
+CODE_CELLS = ("which_run", "machine", "find_dataset", "verify", "install", "environment", "predict", "check_submission")
+CELL_SOURCE = {"which_run": which_run_cell(), "machine": MACHINE, "find_dataset": FIND_DATASET, "verify": VERIFY_CELL, "install": INSTALL,
                "environment": ENVIRONMENT, "predict": PREDICT, "check_submission": CHECK_SUBMISSION}
 

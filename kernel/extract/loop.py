@@ -119,9 +119,13 @@ def _open_group(run: _Run, group: list[dict], weights_dir, label: str) -> _Group
              ", ".join(e["name"] for e in group), dev, run.precision, len(positions), sizes)
     runners = {}
     for e in group:
+        t_load = time.perf_counter()
         model = load_model(e, weights_dir, dev)
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
+            torch.cuda.synchronize(dev)
+        loads = run.summary.load_seconds
+        loads[e["name"]] = loads.get(e["name"], 0.0) + time.perf_counter() - t_load  # a one-time cost of the call
         runners[e["name"]] = ModelRunner(model, e["name"], dev, run.per_model[e["name"]], run.precision)
     offset = kstore.part_offset(run.shard)
     writers = {name: _Writer(run.store, name, run.split, run.dtype, offset) for name in runners}
@@ -222,6 +226,7 @@ def _close_group(run: _Run, g: _Group, bar) -> None:
     for name, r in g.runners.items():
         run.summary.computed[name] += g.writers[name].count
         run.summary.model_seconds[name] = r.seconds
+        run.summary.warmup_seconds[name] = r.warmup_seconds
         run.summary.fp32_recomputed[name] = r.recomputed
     g.runners.clear()
 
@@ -246,7 +251,9 @@ def _run_group(run: _Run, group: list[dict], weights_dir, label: str) -> None:
     batches = None
     try:
         batches = iter(loader)
+        t_loop = time.monotonic()
         _feed_group(run, g, batches, bar)
+        run.summary.loop_seconds += time.monotonic() - t_loop  # the rest of the call is its one-time setup
     finally:
         # whatever ended the loop (the end, a deadline, Ctrl-C, an error): keep every finished descriptor
         _close_group(run, g, bar)
@@ -256,10 +263,23 @@ def _run_group(run: _Run, group: list[dict], weights_dir, label: str) -> None:
             torch.cuda.empty_cache()
 
 
+def _start_device(device: torch.device) -> float:
+    """Seconds to start ``device`` in this process: on a GPU the CUDA context (driver and runtime set-up), a
+    one-time cost of the process, close to 0 once started; 0 on the CPU."""
+    if device.type != "cuda":
+        return 0.0
+    t0 = time.perf_counter()
+    torch.empty(1, device=device)
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def _run_groups(run: _Run, entries: list[dict], weights_dir, group_size, progress: bool) -> None:
     """Plan the groups of the models with work left (:func:`plan_groups`) and run them one after the other
     until the call must stop."""
     summary, todo = run.summary, run.todo
+    if any(todo[e["name"]].any() for e in entries):  # before planning, which asks the device for its memory
+        summary.startup_seconds += _start_device(run.device)
     groups = plan_groups([e for e in entries if todo[e["name"]].any()], weights_dir, run.device, group_size)
     run.total = sum(int(np.logical_or.reduce([todo[e["name"]] for e in g]).sum()) for g in groups)
     for gi, group in enumerate(groups):

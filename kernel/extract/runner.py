@@ -31,8 +31,9 @@ class ModelRunner:
         self.model, self.name, self.device = model, name, torch.device(device)
         self.batch_size = max(1, int(batch_size))
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-        self.seconds = 0.0
+        self.seconds = 0.0  # in forward passes, the first call's warm-up included
         self.items = 0
+        self._first: tuple[float, int] | None = None  # (seconds, items) of the first call: see warmup_seconds
         self.recomputed = 0  # items recomputed in fp32 by the NaN guard
         self._guard_batches = 0
 
@@ -83,6 +84,23 @@ class ModelRunner:
             self.batch_size = bs // 2
             log.warning("%s: out of memory at batch size %d on %s; retrying with %d",
                         self.name, bs, self.device, self.batch_size)
+        dt = time.perf_counter() - t0
+        if self._first is None:
+            self._first = (dt, len(x))
         self.items += len(x)
-        self.seconds += time.perf_counter() - t0
+        self.seconds += dt
         return torch.cat(outs) if outs else torch.zeros(0, 0)
+
+    @property
+    def warmup_seconds(self) -> float:
+        """The part of :attr:`seconds` the first call took beyond the steady rate of the calls after it: a
+        model's first batch pays one-time costs (cuDNN's choice of kernels for the shape, lazy initialisation, an
+        idle GPU's clock ramp) that later batches do not. Measured, not assumed: the first call's seconds minus
+        its items at the rate of every later call (never below 0). With a single call the steady rate is
+        unknown and nothing is set apart: the whole call counts as per-image time (the safe side for a plan
+        that multiplies it by the images left)."""
+        if self._first is None or self.items <= self._first[1]:
+            return 0.0
+        first_s, first_n = self._first
+        rate = (self.seconds - first_s) / (self.items - first_n)
+        return max(0.0, first_s - first_n * rate)

@@ -28,6 +28,14 @@ class ExtractSummary:
     computed: dict = field(default_factory=dict)  # model -> descriptors computed in this call
     present: dict = field(default_factory=dict)  # model -> descriptors already in the store before
     model_seconds: dict = field(default_factory=dict)  # model -> seconds in forward passes (summed over devices)
+    # one-time costs, apart from the per-image ones (predict's plan counts them once per call, not per image):
+    warmup_seconds: dict = field(default_factory=dict)  # model -> the part of model_seconds its first batch took
+    #   beyond the model's steady rate (ModelRunner.warmup_seconds; summed over devices like model_seconds)
+    load_seconds: dict = field(default_factory=dict)  # model -> seconds loading it onto the device (workers: longest)
+    startup_seconds: float = 0.0  # starting the device before the first model (the CUDA context); 0 on the CPU and
+    #   where this process had started it already (workers: the longest)
+    loop_seconds: float = 0.0  # wall seconds feeding decoded batches to the models (waits for decoding included);
+    #   the rest of `seconds` is the call's setup: checks, planning, loading, starting the loader, merging shards
     failures: dict = field(default_factory=dict)  # id -> reason, every known failure of these records
     new_failures: int = 0  # failures found in this call
     decode_wait: float = 0.0  # seconds the loop waited for decoded batches (decoding starved the device)
