@@ -135,8 +135,8 @@ def predict(opts: PredictOptions) -> PredictReport:
     kept = plan_after_probe(measured, entries, {s: len(r) for s, r in records.items()}, missing,
                             devices, deadline - time.monotonic(), opts.reserve_s(), report)
     extract_references(opts, kept, records, missing, work, stop_at, report)
-    after_test = (lambda: extract_added(opts, kept, added, work, seconds_per_image(measured, kept, devices),
-                                        stop_at, report)) if added else None
+    after_test = (lambda: extract_added(opts, kept, added, work, *added_costs(measured, kept, devices), stop_at,
+                                        report)) if added else None
     final = extract_test_in_chunks(opts, kept, measured, test_ids, work, train_labels, stop_at, report, after_test)
     finish(opts.track, Path(opts.out), test_ids, final, report)
     return report
@@ -187,11 +187,13 @@ def labels_and_work(opts: PredictOptions, report: PredictReport):
     return labels, work
 
 
-def seconds_per_image(measured: "Probe", kept: list[dict], devices: int) -> float:
-    """The kept models' probe seconds per image together, on ``devices`` devices (0 when not measured)."""
-    rates = [measured.model_seconds[e["name"]] / measured.computed[e["name"]]
-             for e in kept if measured.computed.get(e["name"])]
-    return sum(rates) / max(1, devices)
+def added_costs(measured: "Probe", kept: list[dict], devices: int) -> tuple[float, float]:
+    """(seconds per image, one-time seconds) of one more extraction call with the kept models, from the probe
+    (:func:`kernel.plan.project`): their steady rates plus the per-image overhead; their loading, warm-up, setup."""
+    from kernel.plan import project
+
+    p = project(measured, kept, {}, {}, max(1, devices), 0.0)
+    return sum(p.per_image.values()) + p.overhead, sum(p.per_call.values()) + p.setup
 
 
 def probe(opts: PredictOptions, entries: list[dict], test: list, work: Path, report: PredictReport) -> Probe:

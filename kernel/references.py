@@ -135,11 +135,12 @@ def added_that_fit(records: list, seconds_per_image: float, seconds_left: float)
     return max(0, min(len(records), int(seconds_left / seconds_per_image)))
 
 
-def extract_added(opts, kept: list[dict], added: dict, work: Path, seconds_per_image: float, stop_at: float,
-                  report: PredictReport) -> bool:
+def extract_added(opts, kept: list[dict], added: dict, work: Path, seconds_per_image: float, one_time_s: float,
+                  stop_at: float, report: PredictReport) -> bool:
     """After the test set: the images the competition added to shipped splits, with the kept models, as many as
-    the time before ``stop_at`` allows (``seconds_per_image``: all kept models together); then every kept
-    model's view takes the added images all of them hold. True when a view changed."""
+    the time before ``stop_at`` allows (``seconds_per_image``: all kept models together; ``one_time_s``: what a
+    call pays before its first image, loading the models); then every kept model's view takes the added images
+    all of them hold. True when a view changed."""
     from kernel.extract import extract
 
     changed = False
@@ -148,7 +149,7 @@ def extract_added(opts, kept: list[dict], added: dict, work: Path, seconds_per_i
         todo = sorted({r.id: r for m in names for r in per_model.get(m, [])}.values(), key=lambda r: r.id)
         if not todo:
             continue
-        n = added_that_fit(todo, seconds_per_image, stop_at - time.monotonic())
+        n = added_that_fit(todo, seconds_per_image, stop_at - time.monotonic() - one_time_s)
         decide(report, "%s: %d images present, not shipped; time left for %d (%.3f s per image with %d models)%s",
                split, len(todo), n, seconds_per_image, len(names),
                "" if n == len(todo) else f"; left out: {len(todo) - n} (first {todo[n].id})")

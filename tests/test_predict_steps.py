@@ -156,7 +156,7 @@ def test_a_shipped_split_is_used_per_image(competition, tiny_weights, tmp_path):
     assert report.coverage["train"][B6] == {"shipped": len(shipped), "present": len(ids), "used": len(ids) - 2,
                                             "added": 2, "gone": 2, "extracted": 0}
     # after the test set: the added images are extracted and the view takes them
-    assert kp.extract_added(opts, _entries(tiny_weights, B6), added, work, 0.0, float("inf"), report)
+    assert kp.extract_added(opts, _entries(tiny_weights, B6), added, work, 0.0, 0.0, float("inf"), report)
     got, emb = kstore.load_split(work, B6, "train")
     assert sorted(got.tolist()) == ids and kstore.has_split(work, B6, "train_added")
     assert report.coverage["train"][B6]["extracted"] == 2
@@ -320,7 +320,7 @@ def test_short_time_covers_fewer_added_images_and_says_which(competition, tiny_w
     opts = _opts(competition, tiny_weights, tmp_path / "s.csv", store=store, models=B6)
     labels, _ = kp.labels_and_work(opts, report)
     _, _, added = kp.reference_descriptors(opts, _entries(tiny_weights, B6), work, labels, report)
-    assert not kp.extract_added(opts, _entries(tiny_weights, B6), added, work, 1.0, _time.monotonic(), report)
+    assert not kp.extract_added(opts, _entries(tiny_weights, B6), added, work, 1.0, 0.0, _time.monotonic(), report)
     assert any(d.startswith("train: 2 images present, not shipped; time left for 0") and "left out: 2" in d
                for d in report.decisions)
     assert read_view(work, B6, "train").added is None and kstore.load_split(work, B6, "train")[0].tolist() == ids[2:]
