@@ -274,16 +274,8 @@ class ViewRows(Rows):
         return out
 
     def block(self, r0: int, r1: int) -> np.ndarray:
-        if self.order is None:  # in order: each part's overlap is a contiguous block of it
-            k = int(np.searchsorted(self.starts, r0, side="right")) - 1
-            if r1 <= self.starts[k + 1]:  # inside one part: its block as it is, no copy
-                return self.parts[k].block(r0 - self.starts[k], r1 - self.starts[k])
-            out = np.empty((r1 - r0, self.dim), np.float32)
-            for part, start in zip(self.parts, self.starts):
-                a, b = max(r0, start), min(r1, start + len(part))
-                if a < b:
-                    out[a - r0 : b - r0] = part.block(a - start, b - start)
-            return out
+        if self.order is None:
+            return stacked_block(self.parts, self.starts, self.dim, r0, r1)
         out = np.empty((r1 - r0, self.dim), np.float32)
         pos = self.order[r0:r1]
         part_of = np.searchsorted(self.starts, pos, side="right") - 1
@@ -292,6 +284,20 @@ class ViewRows(Rows):
             if mine.any():
                 out[mine] = part.rows_at(pos[mine] - self.starts[k])
         return out
+
+
+def stacked_block(parts: list, starts: np.ndarray, dim: int, r0: int, r1: int) -> np.ndarray:
+    """Rows ``r0:r1`` of ``parts`` read one after another (``starts``: their first rows): each part's overlap is a
+    contiguous block of it; a range inside one part is that part's block as it is, no copy."""
+    k = int(np.searchsorted(starts, r0, side="right")) - 1
+    if r1 <= starts[k + 1]:
+        return parts[k].block(r0 - starts[k], r1 - starts[k])
+    out = np.empty((r1 - r0, dim), np.float32)
+    for part, start in zip(parts, starts):
+        a, b = max(r0, start), min(r1, start + len(part))
+        if a < b:
+            out[a - r0 : b - r0] = part.block(a - start, b - start)
+    return out
 
 
 def open_split(store, model: str, split: str, dim: int | None = None) -> Rows:

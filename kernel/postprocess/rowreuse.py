@@ -17,7 +17,7 @@ import numpy as np
 
 from kernel.postprocess import prepared
 from kernel.postprocess import recognition as rec
-from kernel.rows import FamilyRows, Rows, SplitRows, ViewRows
+from kernel.rows import FamilyRows, Rows, SplitRows, ViewRows, stacked_block
 from kernel.views import View, read_view
 
 logger = logging.getLogger(__name__)
@@ -33,12 +33,7 @@ class StackedRows(Rows):
         self.starts = np.cumsum([0] + [len(p) for p in parts])
 
     def block(self, r0: int, r1: int) -> np.ndarray:
-        out = np.empty((r1 - r0, self.dim), np.float32)
-        for part, start in zip(self.parts, self.starts):
-            a, b = max(r0, start), min(r1, start + len(part))
-            if a < b:
-                out[a - r0 : b - r0] = part.block(a - start, b - start)
-        return out
+        return stacked_block(self.parts, self.starts, self.dim, r0, r1)
 
 
 def _views(groups, split: str) -> list[View] | None:
